@@ -1,0 +1,51 @@
+"""AdEMAMix for JAX, the Equinox way."""
+
+from ._ademamix import (
+    AdEMAMix as AdEMAMix,
+    ScaleByAdemamix as ScaleByAdemamix,
+    ScaleByAdemamixState as ScaleByAdemamixState,
+)
+from ._base import AbstractGradientTransformation as AbstractGradientTransformation
+from ._optax import ademamix as ademamix, scale_by_ademamix as scale_by_ademamix
+from ._schedules import (
+    AbstractWarmupSchedule as AbstractWarmupSchedule,
+    AlphaSchedule as AlphaSchedule,
+    alpha_scheduler as alpha_scheduler,
+    Beta3Schedule as Beta3Schedule,
+    beta3_scheduler as beta3_scheduler,
+)
+from ._storage import (
+    AbstractMomentStorage as AbstractMomentStorage,
+    CastStorage as CastStorage,
+)
+from ._tree import (
+    tree_bias_correction as tree_bias_correction,
+    tree_cast as tree_cast,
+    tree_update_moment as tree_update_moment,
+    tree_update_moment_per_elem_norm as tree_update_moment_per_elem_norm,
+    tree_zeros_like as tree_zeros_like,
+)
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractGradientTransformation",
+    "AbstractMomentStorage",
+    "AbstractWarmupSchedule",
+    "AdEMAMix",
+    "AlphaSchedule",
+    "Beta3Schedule",
+    "CastStorage",
+    "ScaleByAdemamix",
+    "ScaleByAdemamixState",
+    "ademamix",
+    "alpha_scheduler",
+    "beta3_scheduler",
+    "scale_by_ademamix",
+    "tree_bias_correction",
+    "tree_cast",
+    "tree_update_moment",
+    "tree_update_moment_per_elem_norm",
+    "tree_zeros_like",
+]

@@ -1,0 +1,83 @@
+"""The seed code's functional API: `ademamix` and `scale_by_ademamix`, returning
+`optax.GradientTransformation`s built from the typed modules."""
+
+from typing import Any
+
+import optax
+from jaxtyping import ArrayLike, Float
+
+from ._ademamix import AdEMAMix, ScalarOrSchedule, ScaleByAdemamix, Schedule
+
+
+def ademamix(
+    lr: ScalarOrSchedule,
+    b1: float | Float[ArrayLike, ""] = 0.9,
+    b2: float | Float[ArrayLike, ""] = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 5.0,
+    b3_scheduler: Schedule | None = None,
+    alpha_scheduler: Schedule | None = None,
+    eps: float | Float[ArrayLike, ""] = 1e-8,
+    eps_root: float | Float[ArrayLike, ""] = 0.0,
+    weight_decay: float | Float[ArrayLike, ""] = 0.0,
+    mu_dtype: Any | None = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdEMAMix as an optax transformation, with the seed code's arguments.
+
+    Equivalent to `eqx_ademamix.AdEMAMix(learning_rate=lr, ...).to_optax()`; see
+    [`eqx_ademamix.AdEMAMix`][] for the algorithm and the arguments. Works with
+    `optax.chain`, `optax.inject_hyperparams(eqx_ademamix.ademamix)` and
+    `optax.MultiSteps`.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    [`eqx_ademamix.ScaleByAdemamixState`][].
+    """
+    return AdEMAMix(
+        learning_rate=lr,
+        b1=b1,
+        b2=b2,
+        b3=b3,
+        alpha=alpha,
+        b3_scheduler=b3_scheduler,
+        alpha_scheduler=alpha_scheduler,
+        eps=eps,
+        eps_root=eps_root,
+        weight_decay=weight_decay,
+        mask=mask,
+        mu_dtype=mu_dtype,
+    ).to_optax()
+
+
+def scale_by_ademamix(
+    b1: float | Float[ArrayLike, ""] = 0.9,
+    b2: float | Float[ArrayLike, ""] = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 5.0,
+    b3_scheduler: Schedule | None = None,
+    alpha_scheduler: Schedule | None = None,
+    eps: float | Float[ArrayLike, ""] = 1e-8,
+    eps_root: float | Float[ArrayLike, ""] = 0.0,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The AdEMAMix direction (no learning rate, no weight decay) as an optax
+    transformation, with the seed code's arguments.
+
+    Equivalent to `eqx_ademamix.ScaleByAdemamix(...).to_optax()`. Chain it with
+    `optax.add_decayed_weights` and `optax.scale_by_learning_rate` to get the
+    optimizer.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    [`eqx_ademamix.ScaleByAdemamixState`][].
+    """
+    return ScaleByAdemamix(
+        b1=b1,
+        b2=b2,
+        b3=b3,
+        alpha=alpha,
+        b3_scheduler=b3_scheduler,
+        alpha_scheduler=alpha_scheduler,
+        eps=eps,
+        eps_root=eps_root,
+        mu_dtype=mu_dtype,
+    ).to_optax()

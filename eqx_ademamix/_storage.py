@@ -1,0 +1,176 @@
+"""How optimizer moments are stored: a strategy that reads a leaf to compute
+precision and writes it back.
+
+The update rule (in `_ademamix.py`) never sees how a moment is stored: it asks the
+storage for a leaf in at least float32, computes, and hands the result back. A new
+kind of storage (8-bit blocks, packed buffers) is a new subclass of
+[`eqx_ademamix.AbstractMomentStorage`][], nothing else.
+
+Reduced-precision writes use stochastic rounding. With round-to-nearest, a
+bfloat16 EMA with decay 0.9999 stops moving once it is about 40x larger than its
+per-step increment (1 - b3) * g, because every increment is rounded away; rounding
+up or down at random, with the probability that makes the expected value exact,
+keeps the EMA unbiased. The random bits come from a counter-based integer hash of
+the element index and a per-step, per-leaf seed, so no PRNG key lives in the state,
+every replica of a replicated parameter draws the same bits, and the cost is a few
+integer operations per element on any backend.
+"""
+
+import abc
+from typing import Any
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Inexact, PyTree, Shaped, UInt32
+
+from ._tree import compute_dtype
+
+
+_M1 = jnp.uint32(0x85EBCA6B)
+_M2 = jnp.uint32(0xC2B2AE35)
+_GOLDEN = jnp.uint32(0x9E3779B9)
+
+
+def _fmix32(h: UInt32[Array, "*shape"]) -> UInt32[Array, "*shape"]:
+    """MurmurHash3's 32-bit finaliser: a bijection that mixes every input bit."""
+    h = h ^ (h >> 16)
+    h = h * _M1
+    h = h ^ (h >> 13)
+    h = h * _M2
+    return h ^ (h >> 16)
+
+
+def mix_seed(*words: Any) -> UInt32[Array, ""]:
+    """Hash integers (Python ints or integer scalars) into one uint32 seed."""
+    h = jnp.uint32(0)
+    for word in words:
+        word = jnp.asarray(word).astype(jnp.uint32)
+        h = _fmix32(h * _GOLDEN + word)
+    return h
+
+
+def hash_bits(shape: tuple[int, ...], seed: UInt32[Array, ""]) -> UInt32[Array, "..."]:
+    """32 pseudo-random bits per element of `shape`, a function of the flat element
+    index and `seed` only.
+
+    The flat index is assembled from one iota per dimension (no reshape), so the
+    computation shards like the array it is used on.
+    """
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        iota = lax.broadcasted_iota(jnp.uint32, shape, axis)
+        index = index + iota * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return _fmix32(index * _GOLDEN + seed)
+
+
+def needs_stochastic_rounding(dtype: Any) -> bool:
+    """Whether a moment stored in `dtype` loses EMA increments to round-to-nearest.
+
+    True for 16-bit and narrower floats: their 7-10 mantissa bits cannot hold an
+    increment of 1e-4 relative to the EMA. float32 and wider round to nearest.
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize <= 2
+
+
+def stochastic_round(
+    x: Inexact[Array, "*shape"], dtype: Any, bits: UInt32[Array, "*shape"]
+) -> Inexact[Array, "*shape"]:
+    """Round `x` to `dtype`, up or down at random with the probabilities that make
+    the result's expectation equal to `x`.
+
+    **Arguments:**
+
+    - `x`: real values, in float32 or wider.
+    - `dtype`: the narrower floating dtype to round to.
+    - `bits`: uniformly random 32-bit words, one per element of `x`.
+
+    **Returns:** `x` in `dtype`. Non-finite values and values that are exactly
+    representable pass through unchanged.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16:
+        # bfloat16 is float32 with the low 16 mantissa bits cut off. Adding 16 random
+        # bits to those and truncating rounds up with probability equal to the
+        # fraction that is cut off. Sign and magnitude are separate in IEEE 754, so
+        # this rounds magnitudes and is symmetric; inf and nan are kept by the mask.
+        x = x.astype(jnp.float32)
+        word = lax.bitcast_convert_type(x, jnp.uint32)
+        rounded = (word + (bits >> 16)) & jnp.uint32(0xFFFF0000)
+        rounded = jnp.where(jnp.isfinite(x), rounded, word)
+        return lax.bitcast_convert_type(rounded, jnp.float32).astype(dtype)
+    # Any other narrow dtype: pick between the two neighbours of x.
+    nearest = x.astype(dtype)
+    near = nearest.astype(x.dtype)
+    toward = jnp.where(x > near, jnp.inf, -jnp.inf).astype(dtype)
+    other = jnp.nextafter(nearest, toward)
+    gap = other.astype(x.dtype) - near
+    p_other = jnp.where(gap != 0, (x - near) / jnp.where(gap != 0, gap, 1), 0)
+    uniform = (bits >> 8).astype(x.dtype) * jnp.asarray(2.0**-24, x.dtype)
+    take_other = (uniform < p_other) & jnp.isfinite(x) & jnp.isfinite(other)
+    return jnp.where(take_other, other, nearest)
+
+
+class AbstractMomentStorage(eqx.Module):
+    """How an optimizer stores one moment leaf (the first moments `m1`, `m2`, or the
+    second moment `nu`).
+
+    The update rule reads each stored leaf into at least float32 with `read`,
+    computes the new moment, and stores it back with `write`. Subclasses decide the
+    representation; they must keep its type, shape and dtype fixed across `write`s
+    so that the state can be a `lax.scan` carry.
+    """
+
+    @abc.abstractmethod
+    def init(self, like: Inexact[Array, "..."], dtype: Any, signed: bool) -> PyTree:
+        """Zeros stored for a moment of `like`'s shape whose values have `dtype`.
+
+        `signed` is False for the second moment, whose values are never negative.
+        """
+
+    @abc.abstractmethod
+    def read(self, stored: PyTree) -> Inexact[Array, "..."]:
+        """The stored moment as an array in at least float32."""
+
+    @abc.abstractmethod
+    def write(
+        self, stored: PyTree, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+    ) -> PyTree:
+        """Store `value` in the representation of `stored`; `seed` drives rounding."""
+
+    @abc.abstractmethod
+    def shape(self, stored: PyTree) -> tuple[int, ...]:
+        """The shape of the moment that `stored` represents."""
+
+
+class CastStorage(AbstractMomentStorage):
+    """Store each moment as a plain array of a floating dtype.
+
+    float32 and wider round to nearest. 16-bit and narrower floats (bfloat16,
+    float16) use stochastic rounding, so that slow EMAs stay unbiased; the
+    update direction is then computed from the stored (rounded) values, so the
+    stored value and the one used are the same.
+    """
+
+    def init(self, like: Inexact[Array, "..."], dtype: Any, signed: bool) -> Array:
+        del signed
+        return jnp.zeros(like.shape, dtype)
+
+    def read(self, stored: Inexact[Array, "..."]) -> Inexact[Array, "..."]:
+        return stored.astype(compute_dtype(stored.dtype))
+
+    def write(
+        self,
+        stored: Inexact[Array, "..."],
+        value: Inexact[Array, "..."],
+        seed: UInt32[Array, ""],
+    ) -> Inexact[Array, "..."]:
+        if needs_stochastic_rounding(stored.dtype) and jnp.isrealobj(value):
+            return stochastic_round(value, stored.dtype, hash_bits(value.shape, seed))
+        return value.astype(stored.dtype)
+
+    def shape(self, stored: Shaped[Array, "..."]) -> tuple[int, ...]:
+        return stored.shape

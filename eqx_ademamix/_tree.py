@@ -1,0 +1,209 @@
+"""Typed tree helpers: the seed's five functions, fixed so that state dtypes never drift.
+
+Each public helper maps a per-leaf function over a tree. The per-leaf functions
+(`ema`, `ema_of_norm`, `bias_correction`, `compute_dtype`) are also what the
+optimizer's update rule in `_ademamix.py` is written with, so every formula here
+exists exactly once.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Inexact, Int, PyTree, Real
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def tree_map_none(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
+    """`jax.tree.map` that keeps `None` leaves (as `eqx.filter` makes) as `None`."""
+    return jax.tree.map(
+        lambda x, *xs: None if x is None else fn(x, *xs), tree, *rest, is_leaf=_is_none
+    )
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype arithmetic on a leaf of `dtype` happens in: at least float32."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return dtype if dtype.itemsize > 8 else jnp.dtype(jnp.complex64)
+    return dtype if dtype.itemsize > 4 else jnp.dtype(jnp.float32)
+
+
+def wider_dtype(a: Any, b: Any) -> jnp.dtype:
+    """The more precise of two floating dtypes (by size; complex wins over real of the
+    same precision). Independent of JAX's promotion mode."""
+    a, b = jnp.dtype(a), jnp.dtype(b)
+    real_a, real_b = jnp.finfo(a).bits, jnp.finfo(b).bits
+    out = a if real_a >= real_b else b
+    if jnp.issubdtype(a, jnp.complexfloating) or jnp.issubdtype(b, jnp.complexfloating):
+        return jnp.dtype(jnp.complex128 if jnp.finfo(out).bits > 32 else jnp.complex64)
+    return out
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The real dtype of the same precision (float32 for complex64, etc.)."""
+    return jnp.finfo(dtype).dtype
+
+
+def complement(decay: Real[ArrayLike, ""], residual: float, dtype: Any) -> Array:
+    """`1 - decay` in `dtype`, where the decay the user asked for is `decay +
+    residual` (`residual`: what rounding the decay to its stored dtype cut off).
+
+    `1 - decay` is exact in floating point for decay in [0.5, 1] (Sterbenz), so this
+    is the correctly rounded `1 - (decay + residual)`: with b3 = 0.9999 stored in
+    float32, plain `1 - b3` is 1.00017e-4, 1.7e-4 away from the intended 1e-4.
+    """
+    dtype = real_dtype(dtype)
+    return (1 - jnp.asarray(decay).astype(dtype)) - jnp.asarray(residual, dtype)
+
+
+def ema(
+    g: Inexact[Array, "*shape"],
+    m: Inexact[Array, "*shape"],
+    decay: Real[ArrayLike, ""],
+    residual: float = 0.0,
+) -> Inexact[Array, "*shape"]:
+    """`decay * m + (1 - decay) * g`, computed in `g`'s dtype (callers promote).
+
+    `residual` is the part of the decay that its stored dtype cut off (see
+    `complement`)."""
+    weight = complement(decay, residual, g.dtype).astype(g.dtype)
+    return jnp.asarray(decay).astype(g.dtype) * m.astype(g.dtype) + weight * g
+
+
+def abs_sq(g: Inexact[Array, "*shape"]) -> Real[Array, "*shape"]:
+    """`|g|^2`, real for complex `g`."""
+    if jnp.iscomplexobj(g):
+        return jnp.real(g) ** 2 + jnp.imag(g) ** 2
+    return g * g
+
+
+def ema_of_norm(
+    g: Inexact[Array, "*shape"],
+    m: Real[Array, "*shape"],
+    decay: Real[ArrayLike, ""],
+    order: int = 2,
+    residual: float = 0.0,
+) -> Real[Array, "*shape"]:
+    """`decay * m + (1 - decay) * |g|^order`, real for complex `g`."""
+    norm = abs_sq(g) if order == 2 else jnp.abs(g) ** order
+    return ema(norm, m, decay, residual)
+
+
+def bias_correction(
+    decay: Real[ArrayLike, ""], count: Int[ArrayLike, ""], dtype: Any
+) -> Inexact[Array, ""]:
+    """`1 - decay**count` as a `dtype` scalar, computed in its real counterpart.
+
+    This is the formula of the paper and of `optax.contrib.ademamix`, evaluated on
+    the stored decay, as optax does."""
+    real = real_dtype(dtype)
+    decay = jnp.asarray(decay).astype(real)
+    return (1 - decay ** jnp.asarray(count).astype(real)).astype(dtype)
+
+
+def tree_cast(tree: PyTree, dtype: Any | None) -> PyTree:
+    """Cast every array leaf of `tree` to `dtype` (`None`: leave the tree as it is).
+
+    **Arguments:**
+
+    - `tree`: a PyTree of arrays; `None` leaves stay `None`.
+    - `dtype`: the target dtype, or `None`.
+
+    **Returns:** the cast tree.
+    """
+    if dtype is None:
+        return tree
+    return tree_map_none(lambda x: jnp.asarray(x).astype(dtype), tree)
+
+
+def tree_zeros_like(tree: PyTree, dtype: Any | None = None) -> PyTree:
+    """Zeros shaped like every leaf of `tree`, in `dtype` (default: the leaf's own).
+
+    **Arguments:**
+
+    - `tree`: a PyTree of arrays; `None` leaves stay `None`.
+    - `dtype`: the dtype of the zeros, or `None` for each leaf's own dtype.
+
+    **Returns:** a tree of zeros with the structure of `tree`.
+    """
+    return tree_map_none(lambda x: jnp.zeros_like(x, dtype=dtype), tree)
+
+
+def tree_update_moment(
+    updates: PyTree, moments: PyTree, decay: Real[ArrayLike, ""], order: int
+) -> PyTree:
+    """The EMA `decay * m + (1 - decay) * g**order` of every leaf.
+
+    Arithmetic happens in at least float32 and the result is cast back to the
+    moment's dtype, so a bfloat16 moment stays bfloat16 (the seed code let it
+    drift to float32). The cast rounds to nearest; the optimizers themselves write
+    reduced-precision state with stochastic rounding instead (see
+    [`eqx_ademamix.ScaleByAdemamix`][]).
+
+    **Arguments:**
+
+    - `updates`: the gradients `g`.
+    - `moments`: the moments `m`, with the structure of `updates`.
+    - `decay`: the decay rate, a scalar.
+    - `order`: the power of `g`.
+
+    **Returns:** the new moments, in the dtypes of `moments`.
+    """
+
+    def leaf(g, m):
+        dtype = compute_dtype(wider_dtype(g.dtype, m.dtype))
+        g = g.astype(dtype)
+        return ema(g**order if order != 1 else g, m, decay).astype(m.dtype)
+
+    return tree_map_none(leaf, updates, moments)
+
+
+def tree_update_moment_per_elem_norm(
+    updates: PyTree, moments: PyTree, decay: Real[ArrayLike, ""], order: int
+) -> PyTree:
+    """The EMA `decay * m + (1 - decay) * |g|**order` of every leaf, real for complex `g`.
+
+    Computed in at least float32 and cast back to the moment's dtype.
+
+    **Arguments:**
+
+    - `updates`: the gradients `g` (real or complex).
+    - `moments`: the moments `m` (real), with the structure of `updates`.
+    - `decay`: the decay rate, a scalar.
+    - `order`: the power of `|g|`.
+
+    **Returns:** the new moments, in the dtypes of `moments`.
+    """
+
+    def leaf(g, m):
+        g = g.astype(compute_dtype(g.dtype))
+        m32 = m.astype(compute_dtype(real_dtype(g.dtype)))
+        return ema_of_norm(g, m32, decay, order).astype(m.dtype)
+
+    return tree_map_none(leaf, updates, moments)
+
+
+def tree_bias_correction(
+    moment: PyTree, decay: Real[ArrayLike, ""], count: Int[ArrayLike, ""]
+) -> PyTree:
+    """Adam's bias correction `m / (1 - decay**count)` of every leaf.
+
+    **Arguments:**
+
+    - `moment`: the moments `m`.
+    - `decay`: the moment's decay rate, a scalar.
+    - `count`: the number of updates the moment has seen (at least 1).
+
+    **Returns:** the corrected moments, in the dtypes of `moment`.
+    """
+
+    def leaf(m):
+        dtype = compute_dtype(m.dtype)
+        return (m.astype(dtype) / bias_correction(decay, count, dtype)).astype(m.dtype)
+
+    return tree_map_none(leaf, moment)

@@ -1,0 +1,26 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+
+# Catch silent dtype drift (e.g. bfloat16 state promoted to float32) and
+# accidental broadcasting.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def getkey():
+    """A fresh PRNG key at every call, reproducible across runs."""
+    keys = iter(jr.split(jr.key(0), 10_000))
+    return lambda: next(keys)
+
+
+def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
+    return bool(eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol))
+
+
+def tree_dtypes(tree):
+    return jax.tree.map(lambda x: jnp.dtype(x.dtype), tree)
