@@ -3,7 +3,7 @@
 Both runs start from the same initial model and see the same minibatches, so the
 only difference is the optimizer. Run it with
 
-    python examples/quickstart.py            # ~30 s on two CPU cores
+    python examples/quickstart.py            # ~5 s on two CPU cores
     python examples/quickstart.py --help
 
 It needs the `examples` extra: `pip install "eqx_ademamix[examples]"`.
@@ -12,6 +12,14 @@ The AdEMAMix module is an argument of the jitted step rather than a constant
 closed over by it. Its hyperparameters are JAX scalars, so the step compiles once,
 and you could change e.g. `alpha` with `eqx.tree_at` between steps without
 recompiling.
+
+What to expect: both optimizers use the same peak learning rate, warm-up and
+cosine decay, and AdEMAMix warms `alpha` and `b3` up over the whole (short) run, as
+the paper advises. AdEMAMix reaches a clearly lower training loss. Digits is tiny
+(1347 training images), and the slow EMA keeps pushing after the training set is
+fitted, so over longer runs (`--steps 500` or more) AdEMAMix's test loss grows
+(over-confident logits) while its test accuracy stays high: the paper's gains are
+for long runs on large data, where there is no training set to memorise.
 """
 
 import argparse
@@ -41,14 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--steps", type=int, default=1500, help="training steps")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the initialisation and batches"
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="minibatch size")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    parser.add_argument("--batch-size", type=int, default=32, help="minibatch size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument(
-        "--weight-decay", type=float, default=1e-4, help="decoupled weight decay"
+        "--weight-decay", type=float, default=0.1, help="decoupled weight decay"
     )
     parser.add_argument("--alpha", type=float, default=5.0, help="AdEMAMix alpha")
     parser.add_argument("--b3", type=float, default=0.999, help="AdEMAMix beta3")
@@ -66,10 +74,10 @@ def load_data():
         x, y, test_size=0.25, random_state=SPLIT_SEED, stratify=y
     )
     scaler = StandardScaler().fit(x_train)
-    as_jax = lambda x, y: (
-        jnp.asarray(scaler.transform(x), jnp.float32),
-        jnp.asarray(y, jnp.int32),
-    )
+
+    def as_jax(x, y):
+        return jnp.asarray(scaler.transform(x), jnp.float32), jnp.asarray(y, jnp.int32)
+
     return as_jax(x_train, y_train), as_jax(x_test, y_test)
 
 
@@ -154,23 +162,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
 
     b1 = 0.9
+    # The same schedule for both: linear warm-up over 10% of the run, cosine decay.
+    lr = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.steps // 10, args.steps)
     optimizers = {
         # A short run: warm alpha and b3 up over the whole run, as the paper
         # advises, so the slow EMA does not dominate the early steps.
         "AdEMAMix": eam.AdEMAMix(
-            learning_rate=args.lr,
+            learning_rate=lr,
             b1=b1,
             b2=0.999,
             alpha_scheduler=eam.alpha_scheduler(args.alpha, warmup=args.steps),
             b3_scheduler=eam.beta3_scheduler(args.b3, beta_start=b1, warmup=args.steps),
             weight_decay=args.weight_decay,
         ),
-        "AdamW": optax.adamw(args.lr, b1=b1, b2=0.999, weight_decay=args.weight_decay),
+        "AdamW": optax.adamw(lr, b1=b1, b2=0.999, weight_decay=args.weight_decay),
     }
 
     print(
         f"digits: {len(y_train)} train / {len(y_test)} test examples; "
-        f"{args.steps} steps of batch {args.batch_size}, lr {args.lr}, "
+        f"{args.steps} steps of batch {args.batch_size}, peak lr {args.lr}, "
         f"weight decay {args.weight_decay}"
     )
     results = {}
