@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Inexact, Int, PyTree
+from jaxtyping import Array, ArrayLike, Float, Inexact, Int, PyTree, Real
 
 from ._base import AbstractGradientTransformation
 from ._misc import (
@@ -396,6 +396,63 @@ def _full_mask(mask: Any, params: PyTree) -> PyTree:
         ) from e
 
 
+def _decays(weight_decay: Float[Array, ""], params: PyTree | None) -> bool:
+    """Whether the weight-decay term is present (params are then required)."""
+    if is_concrete(weight_decay) and float(weight_decay) == 0:
+        return False
+    if params is None:
+        if is_concrete(weight_decay):
+            raise ValueError(
+                f"weight_decay={float(weight_decay)} needs the parameters: call "
+                "`update(grads, state, params)`."
+            )
+        return False
+    return True
+
+
+def descend(
+    directions: list,
+    treedef: Any,
+    updates: PyTree,
+    params: PyTree | None,
+    lr: Real[ArrayLike, ""],
+    weight_decay: Float[Array, ""],
+    mask: Any,
+) -> PyTree:
+    """`-lr * (direction + weight_decay * mask * params)` for every leaf, in the
+    parameters' dtypes (the gradients' when `params` is None). `directions` are the
+    leaves (in compute precision) that a `_step` returned with `treedef`. Shared by
+    every optimizer of the package, so decoupled weight decay is written once."""
+    if params is None and not is_concrete(weight_decay):
+        # Traced weight decay (e.g. an optimizer passed through filter_jit) with
+        # no params: fail loudly at run time rather than skip a nonzero decay.
+        lr = eqx.error_if(
+            jnp.asarray(lr),
+            weight_decay != 0,
+            "weight_decay is not 0, so update() needs the parameters.",
+        )
+    decays = _decays(weight_decay, params)
+    grads = jax.tree.leaves(updates, is_leaf=_is_none)
+    if params is None:
+        params_leaves = [None] * len(grads)
+        mask_leaves = [False] * len(grads)
+    else:
+        params_leaves = treedef.flatten_up_to(params)
+        mask_leaves = treedef.flatten_up_to(_full_mask(mask, params))
+    out = []
+    for d, g, p, m in zip(directions, grads, params_leaves, mask_leaves):
+        if d is None:
+            out.append(None)
+            continue
+        static = isinstance(m, (bool, np.bool_))
+        if decays and not (static and not m):
+            decay = weight_decay.astype(d.dtype) * p.astype(d.dtype)
+            d = d + (decay if static else jnp.where(m, decay, 0))
+        step = -jnp.asarray(lr).astype(d.dtype) * d
+        out.append(step.astype(g.dtype if p is None else p.dtype))
+    return treedef.unflatten(out)
+
+
 class AdEMAMix(AbstractGradientTransformation):
     r"""The AdEMAMix optimizer: [`eqx_ademamix.ScaleByAdemamix`][] with decoupled
     weight decay and a learning rate,
@@ -489,20 +546,6 @@ class AdEMAMix(AbstractGradientTransformation):
         """The initial state; see [`eqx_ademamix.ScaleByAdemamix.init`][]."""
         return self.scale.init(params)
 
-    def _decays(self, params: PyTree | None) -> bool:
-        """Whether the weight-decay term is present (params are then required)."""
-        wd = self.weight_decay
-        if is_concrete(wd) and float(wd) == 0:
-            return False
-        if params is None:
-            if is_concrete(wd):
-                raise ValueError(
-                    f"weight_decay={float(wd)} needs the parameters: call "
-                    "`update(grads, state, params)`."
-                )
-            return False
-        return True
-
     def update(
         self,
         updates: PyTree,
@@ -524,32 +567,8 @@ class AdEMAMix(AbstractGradientTransformation):
         """
         del extra_args
         lr = _at(self.learning_rate, state.count)
-        decays = self._decays(params)
-        if params is None and not is_concrete(self.weight_decay):
-            # Traced weight decay (e.g. an optimizer passed through filter_jit) with
-            # no params: fail loudly at run time rather than skip a nonzero decay.
-            lr = eqx.error_if(
-                lr,
-                self.weight_decay != 0,
-                "weight_decay is not 0, so update() needs the parameters.",
-            )
         directions, treedef, state = self.scale._step(updates, state)
-        grads = jax.tree.leaves(updates, is_leaf=_is_none)
-        if params is None:
-            params_leaves = [None] * len(grads)
-            mask_leaves = [False] * len(grads)
-        else:
-            params_leaves = treedef.flatten_up_to(params)
-            mask_leaves = treedef.flatten_up_to(_full_mask(self.mask, params))
-        out = []
-        for d, g, p, m in zip(directions, grads, params_leaves, mask_leaves):
-            if d is None:
-                out.append(None)
-                continue
-            static = isinstance(m, (bool, np.bool_))
-            if decays and not (static and not m):
-                decay = self.weight_decay.astype(d.dtype) * p.astype(d.dtype)
-                d = d + (decay if static else jnp.where(m, decay, 0))
-            step = -jnp.asarray(lr).astype(d.dtype) * d
-            out.append(step.astype(g.dtype if p is None else p.dtype))
-        return treedef.unflatten(out), state
+        out = descend(
+            directions, treedef, updates, params, lr, self.weight_decay, self.mask
+        )
+        return out, state

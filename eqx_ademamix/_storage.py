@@ -157,7 +157,9 @@ class CastStorage(AbstractMomentStorage):
 
     def init(self, like: Inexact[Array, "..."], dtype: Any, signed: bool) -> Array:
         del signed
-        return jnp.zeros(like.shape, dtype)
+        # `zeros_like` (not `zeros(shape)`) so that the state takes the parameter's
+        # sharding: eagerly, and under `jit` on meshes with explicit axes.
+        return jnp.zeros_like(like, dtype=dtype)
 
     def read(self, stored: Inexact[Array, "..."]) -> Inexact[Array, "..."]:
         return stored.astype(compute_dtype(stored.dtype))
