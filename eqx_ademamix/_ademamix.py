@@ -112,6 +112,56 @@ def _check_params(params: PyTree) -> None:
             )
 
 
+def flatten_moments(
+    grads: PyTree,
+    state: Any,
+    state_type: type,
+    names: tuple[str, ...],
+    storage: AbstractMomentStorage,
+) -> tuple[list, Any, dict[str, list]]:
+    """The leaves of `grads` and of each moment tree `getattr(state, name)`, checked
+    against each other: a clear error for a state of the wrong type, a gradient tree
+    of another structure, mismatched `None` leaves or shapes. A moment that is `None`
+    (e.g. `m1` when `b1 == 0`) gives a list of `None`s. The last name must be a
+    moment that always exists."""
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"expected a {state_type.__name__}, got {type(state).__name__}; was the "
+            "state made by another optimizer?"
+        )
+    leaves, treedef = jax.tree.flatten(grads, is_leaf=_is_none)
+    moments = {}
+    for name in names:
+        tree = getattr(state, name)
+        if tree is None:
+            moments[name] = [None] * len(leaves)
+            continue
+        try:
+            moments[name] = treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"the gradient tree does not match the optimizer state.\n"
+                f"gradients have structure {treedef},\nbut the state's `{name}` "
+                f"expects {jax.tree.structure(tree, is_leaf=_is_none)}."
+            ) from e
+    for i, (path, g) in enumerate(
+        jax.tree_util.tree_leaves_with_path(grads, is_leaf=_is_none)
+    ):
+        stored = moments[names[-1]][i]
+        if (g is None) != (stored is None):
+            raise ValueError(
+                f"the gradient at {_path_str(path)} is {g!r:.40} but the state "
+                f"holds {stored!r:.40} there; None leaves must match."
+            )
+        if g is not None and tuple(g.shape) != storage.shape(stored):
+            raise ValueError(
+                f"the gradient at {_path_str(path)} has shape {tuple(g.shape)}, "
+                f"but the optimizer state was made for shape "
+                f"{storage.shape(stored)}."
+            )
+    return leaves, treedef, moments
+
+
 class ScaleByAdemamix(AbstractGradientTransformation):
     r"""The AdEMAMix direction, before learning rate and weight decay.
 
@@ -256,42 +306,9 @@ class ScaleByAdemamix(AbstractGradientTransformation):
 
     def _flatten_state(self, grads: PyTree, state: ScaleByAdemamixState):
         """The leaves of grads and of each moment, checked against each other."""
-        if not isinstance(state, ScaleByAdemamixState):
-            raise TypeError(
-                f"expected a ScaleByAdemamixState, got {type(state).__name__}; was the "
-                "state made by another optimizer?"
-            )
-        leaves, treedef = jax.tree.flatten(grads, is_leaf=_is_none)
-        moments = {}
-        for name in ("m1", "m2", "nu"):
-            tree = getattr(state, name)
-            if tree is None:
-                moments[name] = [None] * len(leaves)
-                continue
-            try:
-                moments[name] = treedef.flatten_up_to(tree)
-            except (ValueError, TypeError) as e:
-                raise ValueError(
-                    f"the gradient tree does not match the optimizer state.\n"
-                    f"gradients have structure {treedef},\nbut the state's `{name}` "
-                    f"expects {jax.tree.structure(tree, is_leaf=_is_none)}."
-                ) from e
-        for i, (path, g) in enumerate(
-            jax.tree_util.tree_leaves_with_path(grads, is_leaf=_is_none)
-        ):
-            stored = moments["m2"][i]
-            if (g is None) != (stored is None):
-                raise ValueError(
-                    f"the gradient at {_path_str(path)} is {g!r:.40} but the state "
-                    f"holds {stored!r:.40} there; None leaves must match."
-                )
-            if g is not None and tuple(g.shape) != self.storage.shape(stored):
-                raise ValueError(
-                    f"the gradient at {_path_str(path)} has shape {tuple(g.shape)}, "
-                    f"but the optimizer state was made for shape "
-                    f"{self.storage.shape(stored)}."
-                )
-        return leaves, treedef, moments
+        return flatten_moments(
+            grads, state, ScaleByAdemamixState, ("m1", "m2", "nu"), self.storage
+        )
 
     def _step(
         self, grads: PyTree, state: ScaleByAdemamixState
