@@ -54,11 +54,16 @@ def _value(x: Any) -> float | None:
     return float(np.asarray(x)) if is_concrete(x) else None
 
 
+def _show(value: float) -> str:
+    """A stored (possibly float32) value as the user likely wrote it."""
+    return repr(float(f"{value:.7g}"))
+
+
 def check_unit_interval(name: str, x: Any) -> None:
     """Raise a `ValueError` naming `name` unless a concrete `x` lies in [0, 1)."""
     value = _value(x)
     if value is not None and not 0 <= value < 1:
-        raise ValueError(f"`{name}` must be in [0, 1), got {name}={value}.")
+        raise ValueError(f"`{name}` must be in [0, 1), got {name}={_show(value)}.")
 
 
 def check_nonnegative(name: str, x: Any) -> None:
@@ -66,7 +71,7 @@ def check_nonnegative(name: str, x: Any) -> None:
     value = _value(x)
     if value is not None and not (math.isfinite(value) and value >= 0):
         raise ValueError(
-            f"`{name}` must be a finite number >= 0, got {name}={value}."
+            f"`{name}` must be a finite number >= 0, got {name}={_show(value)}."
         )
 
 
@@ -74,7 +79,7 @@ def check_finite(name: str, x: Any) -> None:
     """Raise a `ValueError` naming `name` unless a concrete `x` is finite."""
     value = _value(x)
     if value is not None and not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {name}={value}.")
+        raise ValueError(f"`{name}` must be finite, got {name}={_show(value)}.")
 
 
 def rounding_residual(value: Any, stored: Array) -> float:

@@ -7,7 +7,14 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, Real
 
-from ._misc import as_float_scalar, as_int_scalar, check_nonnegative, check_unit_interval
+from ._misc import (
+    as_float_scalar,
+    as_int_scalar,
+    check_nonnegative,
+    check_unit_interval,
+    rounding_residual,
+)
+from ._tree import complement
 
 
 class AbstractWarmupSchedule(eqx.Module):
@@ -71,12 +78,17 @@ class AlphaSchedule(AbstractWarmupSchedule):
         return self.alpha
 
 
-def _half_life(beta: Float[Array, ""]) -> Float[Array, ""]:
+def _half_life(beta: Float[Array, ""], residual: float) -> Float[Array, ""]:
     """`log(0.5) / log(beta)`: the number of steps after which an EMA with decay
-    `beta` has halved a gradient's weight; 0 for `beta = 0`."""
+    `beta` has halved a gradient's weight; 0 for `beta = 0`.
+
+    Computed as `log1p(-(1 - beta))` from the exact complement, so that betas close
+    to 1 keep their half-life in float32 (`log(0.9999)` evaluated on float32's
+    0.9999 is off by 2e-4)."""
     positive = beta > 0
-    safe = jnp.where(positive, beta, 0.5)
-    return jnp.where(positive, math.log(0.5) / jnp.log(safe), 0)
+    log_beta = jnp.log1p(-complement(beta, residual, beta.dtype))
+    safe = jnp.where(positive, log_beta, -1)
+    return jnp.where(positive, math.log(0.5) / safe, 0)
 
 
 def _from_half_life(half_life: Float[Array, ""]) -> Float[Array, ""]:
@@ -104,6 +116,8 @@ class Beta3Schedule(AbstractWarmupSchedule):
     beta_end: Float[Array, ""]
     beta_start: Float[Array, ""]
     warmup: Int[Array, ""]
+    # What storing the betas as JAX scalars rounded off (see `_tree.complement`).
+    residuals: tuple[float, float] = eqx.field(static=True, repr=False)
 
     def __init__(
         self, beta_end: Real[ArrayLike, ""], beta_start: Real[ArrayLike, ""], warmup
@@ -117,6 +131,10 @@ class Beta3Schedule(AbstractWarmupSchedule):
         self.beta_end = as_float_scalar(beta_end)
         self.beta_start = as_float_scalar(beta_start)
         self.warmup = as_int_scalar(warmup)
+        self.residuals = (
+            rounding_residual(beta_end, self.beta_end),
+            rounding_residual(beta_start, self.beta_start),
+        )
 
     def __check_init__(self):
         check_unit_interval("beta_end", self.beta_end)
@@ -125,7 +143,9 @@ class Beta3Schedule(AbstractWarmupSchedule):
 
     def _interpolate(self, fraction):
         # f(b) + 1 is the half-life; interpolating f or f + 1 is the same.
-        start, end = _half_life(self.beta_start), _half_life(self.beta_end)
+        end_residual, start_residual = self.residuals
+        start = _half_life(self.beta_start, start_residual)
+        end = _half_life(self.beta_end, end_residual)
         return _from_half_life((1 - fraction) * start + fraction * end)
 
     def _end(self):
@@ -135,7 +155,7 @@ class Beta3Schedule(AbstractWarmupSchedule):
 def alpha_scheduler(
     alpha: Real[ArrayLike, ""],
     alpha_start: Real[ArrayLike, ""] = 0.0,
-    warmup: int | Int[ArrayLike, ""] = 0,
+    warmup: int | Real[ArrayLike, ""] = 0,
 ) -> AlphaSchedule:
     """The linear warm-up schedule for `alpha` of the AdEMAMix paper.
 
@@ -161,7 +181,7 @@ def alpha_scheduler(
 def beta3_scheduler(
     beta_end: Real[ArrayLike, ""],
     beta_start: Real[ArrayLike, ""] = 0.0,
-    warmup: int | Int[ArrayLike, ""] = 0,
+    warmup: int | Real[ArrayLike, ""] = 0,
 ) -> Beta3Schedule:
     """The half-life warm-up schedule for `b3` of the AdEMAMix paper.
 

@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_ademamix as eam
+
+
+def _tree(dtype=jnp.float32):
+    return {
+        "a": jnp.asarray([[1.0, -2.0], [3.0, 0.5]], dtype),
+        "b": None,
+        "c": [jnp.asarray([0.25, -4.0], dtype)],
+    }
+
+
+def test_tree_zeros_like_keeps_structure_and_none():
+    zeros = eam.tree_zeros_like(_tree())
+    assert zeros["b"] is None
+    assert jax.tree.structure(zeros, is_leaf=lambda x: x is None) == jax.tree.structure(
+        _tree(), is_leaf=lambda x: x is None
+    )
+    for x in jax.tree.leaves(zeros):
+        assert x.dtype == jnp.float32 and not np.any(np.asarray(x))
+    assert eam.tree_zeros_like(_tree(), jnp.bfloat16)["a"].dtype == jnp.bfloat16
+
+
+def test_tree_cast():
+    cast = eam.tree_cast(_tree(), jnp.bfloat16)
+    assert cast["b"] is None and cast["a"].dtype == jnp.bfloat16
+    tree = _tree()
+    assert eam.tree_cast(tree, None) is tree
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_tree_update_moment_matches_numpy(order):
+    g, m = _tree(), eam.tree_cast(_tree(), jnp.float32)
+    m = jax.tree.map(lambda x: x * 0.5, m)
+    out = eam.tree_update_moment(g, m, 0.9, order)
+    for key in ("a",):
+        expected = 0.9 * np.asarray(m[key], np.float64) + 0.1 * np.asarray(
+            g[key], np.float64
+        ) ** order
+        np.testing.assert_allclose(out[key], expected, rtol=1e-6)
+    assert out["b"] is None
+
+
+def test_tree_update_moment_keeps_moment_dtype():
+    """The seed code let a bfloat16 moment drift to float32 here."""
+    g = {"w": jnp.ones(3, jnp.float32)}
+    m = {"w": jnp.zeros(3, jnp.bfloat16)}
+    assert eam.tree_update_moment(g, m, 0.9, 1)["w"].dtype == jnp.bfloat16
+    assert eam.tree_update_moment_per_elem_norm(g, m, 0.9, 2)["w"].dtype == jnp.bfloat16
+
+
+def test_tree_update_moment_per_elem_norm_complex_is_real():
+    g = {"z": jax.lax.complex(jnp.asarray([3.0, 0.0]), jnp.asarray([4.0, 1.0]))}
+    m = {"z": jnp.zeros(2, jnp.float32)}
+    out = eam.tree_update_moment_per_elem_norm(g, m, 0.5, 2)
+    assert out["z"].dtype == jnp.float32
+    np.testing.assert_allclose(out["z"], 0.5 * np.array([25.0, 1.0]), rtol=1e-6)
+
+
+def test_tree_bias_correction_matches_numpy():
+    m = {"a": jnp.asarray([1.0, 2.0]), "b": None}
+    out = eam.tree_bias_correction(m, 0.999, jnp.asarray(10))
+    np.testing.assert_allclose(out["a"], np.array([1.0, 2.0]) / (1 - 0.999**10), rtol=2e-5)
+    assert out["b"] is None
+
+
+def test_helpers_are_type_checked():
+    """jaxtyping + beartype check the annotations (pytest runs the import hook)."""
+    with pytest.raises(Exception):
+        eam.tree_bias_correction({"a": jnp.ones(2)}, 0.9, jnp.ones(3))
