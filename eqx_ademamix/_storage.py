@@ -20,6 +20,7 @@ import abc
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Inexact, PyTree, Shaped, UInt32
@@ -50,20 +51,36 @@ def mix_seed(*words: Any) -> UInt32[Array, ""]:
     return h
 
 
-def hash_bits(shape: tuple[int, ...], seed: UInt32[Array, ""]) -> UInt32[Array, "..."]:
+def hash_bits(
+    shape: tuple[int, ...], seed: UInt32[Array, ""], out_sharding: Any = None
+) -> UInt32[Array, "..."]:
     """32 pseudo-random bits per element of `shape`, a function of the flat element
     index and `seed` only.
 
-    The flat index is assembled from one iota per dimension (no reshape), so the
-    computation shards like the array it is used on.
+    The flat index is the *global* one, assembled from one iota per dimension (no
+    reshape), so a sharded array draws the same bits as an unsharded one and each
+    device computes only its own shard. `out_sharding` (the sharding of the array
+    the bits are for, e.g. `jax.typeof(x).sharding`) is needed on meshes with
+    explicit axes, where an iota without it would be replicated: every device
+    would then hash the full array.
     """
-    index = jnp.zeros(shape, jnp.uint32)
+    kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
+    index = None
     stride = 1
     for axis in reversed(range(len(shape))):
-        iota = lax.broadcasted_iota(jnp.uint32, shape, axis)
-        index = index + iota * jnp.uint32(stride % 2**32)
+        iota = lax.broadcasted_iota(jnp.uint32, shape, axis, **kwargs)
+        term = iota * jnp.uint32(stride % 2**32)
+        index = term if index is None else index + term
         stride *= shape[axis]
+    if index is None:
+        index = jnp.zeros(shape, jnp.uint32)
     return _fmix32(index * _GOLDEN + seed)
+
+
+def sharding_of(x: Array) -> Any:
+    """The sharding in `x`'s type (`None` on JAX versions without `jax.typeof`)."""
+    typeof = getattr(jax, "typeof", None)
+    return None if typeof is None else typeof(x).sharding
 
 
 def needs_stochastic_rounding(dtype: Any) -> bool:
@@ -171,7 +188,8 @@ class CastStorage(AbstractMomentStorage):
         seed: UInt32[Array, ""],
     ) -> Inexact[Array, "..."]:
         if needs_stochastic_rounding(stored.dtype) and jnp.isrealobj(value):
-            return stochastic_round(value, stored.dtype, hash_bits(value.shape, seed))
+            bits = hash_bits(value.shape, seed, sharding_of(value))
+            return stochastic_round(value, stored.dtype, bits)
         return value.astype(stored.dtype)
 
     def shape(self, stored: Shaped[Array, "..."]) -> tuple[int, ...]:
