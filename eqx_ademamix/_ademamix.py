@@ -295,10 +295,11 @@ class ScaleByAdemamix(AbstractGradientTransformation):
                 is_leaf=_is_none,
             )
 
-        zero = jnp.zeros((), jnp.int32)
+        # Two separate buffers: a state whose leaves share one buffer cannot be
+        # donated (XLA refuses to donate the same buffer twice).
         return ScaleByAdemamixState(
-            count=zero,
-            count_m2=zero,
+            count=jnp.zeros((), jnp.int32),
+            count_m2=jnp.zeros((), jnp.int32),
             m1=moments(True, self._moment_dtype) if self.use_m1 else None,
             m2=moments(True, self._moment_dtype),
             nu=moments(False, lambda p, _: real_dtype(p.dtype)),
