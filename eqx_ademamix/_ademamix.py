@@ -19,6 +19,7 @@ from ._misc import (
     is_concrete,
     rounding_residual,
 )
+from ._packed import packed_init, packed_step
 from ._storage import AbstractMomentStorage, CastStorage, mix_seed
 from ._tree import (
     _is_none,
@@ -198,6 +199,7 @@ class ScaleByAdemamix(AbstractGradientTransformation):
     mu_dtype: Any = eqx.field(static=True)
     use_m1: bool = eqx.field(static=True)
     storage: AbstractMomentStorage
+    packed: bool = eqx.field(static=True)
     # What storing b1, b2, b3 as JAX scalars rounded off their Python values, so
     # that `1 - b` is exact (see `_tree.complement`). Static: changing a beta with
     # `eqx.tree_at` keeps a stale residual, which is below that beta's rounding
@@ -215,6 +217,7 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         eps: float | Float[ArrayLike, ""] = 1e-8,
         eps_root: float | Float[ArrayLike, ""] = 0.0,
         mu_dtype: Any | None = None,
+        packed: bool = False,
     ):
         """**Arguments:**
 
@@ -230,6 +233,9 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         - `eps_root`: added inside the square root, >= 0.
         - `mu_dtype`: dtype of `m1` and `m2`; default: each parameter's dtype.
           `nu` always has the parameter's (real) dtype.
+        - `packed`: store each moment as one flat buffer per parameter dtype
+          instead of one array per parameter (see [`eqx_ademamix.PackedLayout`][]):
+          much less per-step overhead for models of many small arrays.
         """
         self.b1 = as_float_scalar(b1)
         self.b2 = as_float_scalar(b2)
@@ -237,11 +243,12 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         self.alpha = _hyperparameter(alpha, alpha_scheduler, "alpha")
         self.eps = as_float_scalar(eps)
         self.eps_root = as_float_scalar(eps_root)
-        self.mu_dtype = None if mu_dtype is None else jax.dtypes.canonicalize_dtype(
-            mu_dtype
+        self.mu_dtype = (
+            None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
         )
         self.use_m1 = not (is_concrete(self.b1) and float(self.b1) == 0)
         self.storage = CastStorage()
+        self.packed = bool(packed)
         self.residuals = (
             rounding_residual(b1, self.b1),
             rounding_residual(b2, self.b2),
@@ -257,10 +264,10 @@ class ScaleByAdemamix(AbstractGradientTransformation):
             check_finite("alpha", self.alpha)
         check_nonnegative("eps", self.eps)
         check_nonnegative("eps_root", self.eps_root)
-        if self.mu_dtype is not None and not jnp.issubdtype(
-            self.mu_dtype, jnp.inexact
-        ):
-            raise ValueError(f"`mu_dtype` must be a floating dtype, got {self.mu_dtype}.")
+        if self.mu_dtype is not None and not jnp.issubdtype(self.mu_dtype, jnp.inexact):
+            raise ValueError(
+                f"`mu_dtype` must be a floating dtype, got {self.mu_dtype}."
+            )
 
     def _moment_dtype(self, param: Inexact[Array, "..."], path) -> Any:
         if self.mu_dtype is None:
@@ -285,12 +292,23 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         **Returns:** an [`eqx_ademamix.ScaleByAdemamixState`][].
         """
         _check_params(params)
+        if self.packed:
+            jax.tree_util.tree_map_with_path(
+                lambda path, p: None if p is None else self._moment_dtype(p, path),
+                params,
+                is_leaf=_is_none,
+            )
+            return packed_init(self._init, params)
+        return self._init(params)
 
+    def _init(self, params: PyTree) -> ScaleByAdemamixState:
         def moments(signed: bool, dtype_of: Callable) -> PyTree:
             return jax.tree_util.tree_map_with_path(
-                lambda path, p: None
-                if p is None
-                else self.storage.init(p, dtype_of(p, path), signed),
+                lambda path, p: (
+                    None
+                    if p is None
+                    else self.storage.init(p, dtype_of(p, path), signed)
+                ),
                 params,
                 is_leaf=_is_none,
             )
@@ -312,6 +330,14 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         )
 
     def _step(
+        self, grads: PyTree, state: ScaleByAdemamixState
+    ) -> tuple[list, Any, ScaleByAdemamixState]:
+        """`_rule` on the gradients, packed into flat buffers if `self.packed`."""
+        if self.packed:
+            return packed_step(self._rule, grads, state)
+        return self._rule(grads, state)
+
+    def _rule(
         self, grads: PyTree, state: ScaleByAdemamixState
     ) -> tuple[list, Any, ScaleByAdemamixState]:
         """The update rule. Returns the direction's leaves in compute precision,
@@ -342,8 +368,11 @@ class ScaleByAdemamix(AbstractGradientTransformation):
             nu_new = ema_of_norm(g, read(nu).astype(real), self.b2, residual=r2)
             nu = write(nu, nu_new, mix_seed(state.count, i, _NU))
             nu_hat = read(nu).astype(real) / bias_correction(self.b2, count, real)
-            m2 = write(m2, ema(g, read(m2).astype(dtype), b3, r3), mix_seed(
-                state.count, i, _M2))
+            m2 = write(
+                m2,
+                ema(g, read(m2).astype(dtype), b3, r3),
+                mix_seed(state.count, i, _M2),
+            )
             if m1 is None:
                 m1_hat = g
             else:
@@ -388,7 +417,9 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         del params, extra_args
         leaves = jax.tree.leaves(updates, is_leaf=_is_none)
         directions, treedef, state = self._step(updates, state)
-        out = [None if d is None else d.astype(g.dtype) for d, g in zip(directions, leaves)]
+        out = [
+            None if d is None else d.astype(g.dtype) for d, g in zip(directions, leaves)
+        ]
         return treedef.unflatten(out), state
 
 
@@ -525,13 +556,14 @@ class AdEMAMix(AbstractGradientTransformation):
         weight_decay: float | Float[ArrayLike, ""] = 0.0,
         mask: Any = None,
         mu_dtype: Any | None = None,
+        packed: bool = False,
     ):
         """**Arguments:**
 
         - `learning_rate`: a float >= 0, or a schedule `step -> lr` (any optax
           schedule).
         - `b1`, `b2`, `b3`, `alpha`, `b3_scheduler`, `alpha_scheduler`, `eps`,
-          `eps_root`, `mu_dtype`: as in [`eqx_ademamix.ScaleByAdemamix`][].
+          `eps_root`, `mu_dtype`, `packed`: as in [`eqx_ademamix.ScaleByAdemamix`][].
         - `weight_decay`: decoupled weight decay $\\lambda \\geq 0$, multiplied by the
           learning rate (as in optax and PyTorch).
         - `mask`: which parameters are decayed: a tree of booleans whose structure
@@ -553,6 +585,7 @@ class AdEMAMix(AbstractGradientTransformation):
             eps=eps,
             eps_root=eps_root,
             mu_dtype=mu_dtype,
+            packed=packed,
         )
 
     def __check_init__(self):

@@ -34,6 +34,7 @@ class AbstractGradientTransformation(eqx.Module):
 
         **Returns:** an `optax.GradientTransformationExtraArgs`.
         """
+
         # Plain closures rather than bound methods: `jax.jit(tx.update)` hashes the
         # function, and a module holding arrays is not hashable.
         def init(params):

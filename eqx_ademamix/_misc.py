@@ -44,7 +44,8 @@ def as_int_scalar(x: Any) -> Int[Array, ""]:
 
 
 def is_concrete(x: Any) -> bool:
-    """Whether `x` has a value now (a Python number or a concrete array, not a tracer)."""
+    """Whether `x` has a value now: a Python number or a concrete array, not a
+    tracer."""
     if isinstance(x, jax.core.Tracer):
         return False
     return isinstance(x, (int, float, np.ndarray, np.generic, jax.Array))

@@ -202,4 +202,3 @@ def beta3_scheduler(
         ```
     """
     return Beta3Schedule(beta_end, beta_start, warmup)
-

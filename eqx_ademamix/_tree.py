@@ -1,4 +1,4 @@
-"""Typed tree helpers: the seed's five functions, fixed so that state dtypes never drift.
+"""Typed tree helpers: the seed's five functions, fixed so that dtypes never drift.
 
 Each public helper maps a per-leaf function over a tree. The per-leaf functions
 (`ema`, `ema_of_norm`, `bias_correction`, `compute_dtype`) are also what the
@@ -166,7 +166,8 @@ def tree_update_moment(
 def tree_update_moment_per_elem_norm(
     updates: PyTree, moments: PyTree, decay: Real[ArrayLike, ""], order: int
 ) -> PyTree:
-    """The EMA `decay * m + (1 - decay) * |g|**order` of every leaf, real for complex `g`.
+    """The EMA `decay * m + (1 - decay) * |g|**order` of every leaf (real for
+    complex `g`).
 
     Computed in at least float32 and cast back to the moment's dtype.
 

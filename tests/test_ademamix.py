@@ -1,12 +1,11 @@
 import equinox as eqx
+import eqx_ademamix as eam
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
 import pytest
-
-import eqx_ademamix as eam
 
 from .conftest import tree_allclose, tree_dtypes
 from .reference import ademamix_run
@@ -45,7 +44,11 @@ def test_matches_float64_algorithm_1(getkey, kwargs):
     theta0 = np.asarray(jr.normal(getkey(), (4, 3)))
     expected, (m1, m2, nu) = ademamix_run(theta0, grads, **kwargs)
     t_alpha, t_b3 = kwargs.pop("t_alpha", 0), kwargs.pop("t_b3", 0)
-    b1, alpha, b3 = kwargs.get("b1", 0.9), kwargs.get("alpha", 5.0), kwargs.get("b3", 0.9999)
+    b1, alpha, b3 = (
+        kwargs.get("b1", 0.9),
+        kwargs.get("alpha", 5.0),
+        kwargs.get("b3", 0.9999),
+    )
     with jax.enable_x64(True):
         opt = eam.AdEMAMix(
             learning_rate=kwargs.pop("lr"),
@@ -54,7 +57,9 @@ def test_matches_float64_algorithm_1(getkey, kwargs):
             b3=eam.beta3_scheduler(b3, beta_start=b1, warmup=t_b3) if t_b3 else b3,
         )
         got, state = _run_module(opt, jnp.asarray(theta0, jnp.float64), grads)
-        np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            np.stack(got), np.stack(expected), rtol=1e-10, atol=1e-12
+        )
         np.testing.assert_allclose(state.m2, m2, rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(state.nu, nu, rtol=1e-10, atol=1e-14)
         if b1 == 0:
@@ -106,8 +111,12 @@ def _compare_with_optax(getkey, params, b3, alpha, weight_decay):
 
 def test_module_and_optax_api_agree(getkey):
     params = {"a": jr.normal(getkey(), (3, 4)), "b": jr.normal(getkey(), (2,))}
-    opt = eam.AdEMAMix(1e-2, weight_decay=0.01, alpha=eam.alpha_scheduler(5.0, warmup=7))
-    tx = eam.ademamix(1e-2, weight_decay=0.01, alpha_scheduler=eam.alpha_scheduler(5.0, warmup=7))
+    opt = eam.AdEMAMix(
+        1e-2, weight_decay=0.01, alpha=eam.alpha_scheduler(5.0, warmup=7)
+    )
+    tx = eam.ademamix(
+        1e-2, weight_decay=0.01, alpha_scheduler=eam.alpha_scheduler(5.0, warmup=7)
+    )
     s1, s2 = opt.init(params), tx.init(params)
     for _ in range(10):
         g = jax.tree.map(lambda x: jr.normal(getkey(), x.shape), params)
@@ -234,9 +243,7 @@ def test_state_stable_through_cond(getkey, dtype):
     opt = eam.AdEMAMix(1e-2)
     state = opt.init(params)
     g = jnp.ones(3, dtype)
-    out = jax.lax.cond(
-        True, lambda s: opt.update(g, s, params)[1], lambda s: s, state
-    )
+    out = jax.lax.cond(True, lambda s: opt.update(g, s, params)[1], lambda s: s, state)
     assert tree_dtypes(out) == tree_dtypes(state)
 
 
@@ -322,7 +329,10 @@ def test_complex_parameters(getkey):
     opt = eam.AdEMAMix(1e-2)
     state = opt.init(z)
     assert state.m1.dtype == jnp.complex64 and state.nu.dtype == jnp.float32
-    grads = [np.asarray(z) * 0 + np.asarray(jr.normal(getkey(), (8,))).view(np.complex64) for _ in range(30)]
+    grads = [
+        np.asarray(z) * 0 + np.asarray(jr.normal(getkey(), (8,))).view(np.complex64)
+        for _ in range(30)
+    ]
     p = z
     m1 = m2 = np.zeros(4, np.complex128)
     nu = np.zeros(4)
@@ -344,7 +354,9 @@ def test_counters_saturate():
     opt = eam.AdEMAMix(1e-3)
     state = opt.init(jnp.ones(2))
     top = jnp.iinfo(jnp.int32).max
-    state = eqx.tree_at(lambda s: (s.count, s.count_m2), state, (jnp.int32(top - 1),) * 2)
+    state = eqx.tree_at(
+        lambda s: (s.count, s.count_m2), state, (jnp.int32(top - 1),) * 2
+    )
     for _ in range(3):
         updates, state = opt.update(jnp.ones(2), state)
         assert np.all(np.isfinite(updates))
@@ -356,13 +368,17 @@ def test_serialise_round_trip(tmp_path, getkey):
     opt = eam.AdEMAMix(1e-2, mu_dtype=jnp.bfloat16)
     state = opt.init(params)
     for _ in range(3):
-        _, state = opt.update({"w": jr.normal(getkey(), (3, 2)), "skip": None}, state, params)
+        _, state = opt.update(
+            {"w": jr.normal(getkey(), (3, 2)), "skip": None}, state, params
+        )
     path = tmp_path / "state.eqx"
     eqx.tree_serialise_leaves(path, state)
     restored = eqx.tree_deserialise_leaves(path, opt.init(params))
     assert bool(eqx.tree_equal(restored, state))
     g = {"w": jnp.ones((3, 2)), "skip": None}
-    assert bool(eqx.tree_equal(opt.update(g, restored, params), opt.update(g, state, params)))
+    assert bool(
+        eqx.tree_equal(opt.update(g, restored, params), opt.update(g, state, params))
+    )
 
 
 def test_inject_hyperparams(getkey):
@@ -402,7 +418,10 @@ def _multisteps(getkey):
     np.testing.assert_allclose(u, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: eam.ademamix(0.05), lambda: eam.AdEMAMix(0.05, b3=0.999).to_optax()])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: eam.ademamix(0.05), lambda: eam.AdEMAMix(0.05, b3=0.999).to_optax()],
+)
 def test_converges_on_rosenbrock_in_scan(make):
     tx = make()
 

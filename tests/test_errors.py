@@ -1,10 +1,9 @@
 """Bad input is an error that names the argument and the value."""
 
+import eqx_ademamix as eam
 import jax.numpy as jnp
 import optax
 import pytest
-
-import eqx_ademamix as eam
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,9 @@
 import equinox as eqx
+import eqx_ademamix as eam
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import eqx_ademamix as eam
 
 from .reference import alpha_at, beta3_at
 

@@ -1,9 +1,8 @@
+import eqx_ademamix as eam
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import eqx_ademamix as eam
 
 
 def _tree(dtype=jnp.float32):
@@ -38,9 +37,10 @@ def test_tree_update_moment_matches_numpy(order):
     m = jax.tree.map(lambda x: x * 0.5, m)
     out = eam.tree_update_moment(g, m, 0.9, order)
     for key in ("a",):
-        expected = 0.9 * np.asarray(m[key], np.float64) + 0.1 * np.asarray(
-            g[key], np.float64
-        ) ** order
+        expected = (
+            0.9 * np.asarray(m[key], np.float64)
+            + 0.1 * np.asarray(g[key], np.float64) ** order
+        )
         np.testing.assert_allclose(out[key], expected, rtol=1e-6)
     assert out["b"] is None
 
@@ -64,7 +64,9 @@ def test_tree_update_moment_per_elem_norm_complex_is_real():
 def test_tree_bias_correction_matches_numpy():
     m = {"a": jnp.asarray([1.0, 2.0]), "b": None}
     out = eam.tree_bias_correction(m, 0.999, jnp.asarray(10))
-    np.testing.assert_allclose(out["a"], np.array([1.0, 2.0]) / (1 - 0.999**10), rtol=2e-5)
+    np.testing.assert_allclose(
+        out["a"], np.array([1.0, 2.0]) / (1 - 0.999**10), rtol=2e-5
+    )
     assert out["b"] is None
 
 
