@@ -67,14 +67,16 @@ def _saturating_increment(count: Int[Array, ""]) -> Int[Array, ""]:
     return jnp.where(count < _INT32_MAX, count + 1, count)
 
 
-def _at(value: ScalarOrSchedule, step: Int[Array, ""]) -> Float[Array, ""]:
+def _at(
+    value: ScalarOrSchedule, step: Int[Array, ""], name: str = "a hyperparameter"
+) -> Float[Array, ""]:
     """A hyperparameter's value at `step`: schedules are called, scalars returned."""
     if callable(value):
         out = jnp.asarray(value(step))
         if out.shape != ():
             raise ValueError(
-                f"a schedule must return a scalar, but {value} returned shape "
-                f"{out.shape}"
+                f"the schedule for `{name}` must return a scalar, but {value} "
+                f"returned shape {out.shape}"
             )
         return out
     return value
@@ -325,6 +327,16 @@ class ScaleByAdemamix(AbstractGradientTransformation):
 
     def _flatten_state(self, grads: PyTree, state: ScaleByAdemamixState):
         """The leaves of grads and of each moment, checked against each other."""
+        if isinstance(state, ScaleByAdemamixState) and self.use_m1 != (
+            state.m1 is not None
+        ):
+            have = "has no fast EMA (m1=None)" if state.m1 is None else "has an m1"
+            b1 = float(self.b1) if is_concrete(self.b1) else self.b1
+            raise ValueError(
+                f"this optimizer has b1={b1}, but the state {have}: it "
+                "was made by an optimizer with "
+                f"{'b1 = 0' if state.m1 is None else 'b1 > 0'}."
+            )
         return flatten_moments(
             grads, state, ScaleByAdemamixState, ("m1", "m2", "nu"), self.storage
         )
@@ -344,8 +356,8 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         their treedef, and the new state."""
         leaves, treedef, moments = self._flatten_state(grads, state)
         read, write = self.storage.read, self.storage.write
-        b3 = _at(self.b3, state.count_m2)
-        alpha = _at(self.alpha, state.count_m2)
+        b3 = _at(self.b3, state.count_m2, "b3")
+        alpha = _at(self.alpha, state.count_m2, "alpha")
         count = _saturating_increment(state.count)
         count_m2 = _saturating_increment(state.count_m2)
         r1, r2, r3 = self.residuals
@@ -617,7 +629,7 @@ class AdEMAMix(AbstractGradientTransformation):
         `eqx.apply_updates`. Updates have the parameters' dtypes.
         """
         del extra_args
-        lr = _at(self.learning_rate, state.count)
+        lr = _at(self.learning_rate, state.count, "learning_rate")
         directions, treedef, state = self.scale._step(updates, state)
         out = descend(
             directions, treedef, updates, params, lr, self.weight_decay, self.mask
