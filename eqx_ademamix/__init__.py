@@ -9,10 +9,17 @@ from ._base import AbstractGradientTransformation as AbstractGradientTransformat
 from ._optax import ademamix as ademamix, scale_by_ademamix as scale_by_ademamix
 from ._schedules import (
     AbstractWarmupSchedule as AbstractWarmupSchedule,
-    AlphaSchedule as AlphaSchedule,
     alpha_scheduler as alpha_scheduler,
-    Beta3Schedule as Beta3Schedule,
+    AlphaSchedule as AlphaSchedule,
     beta3_scheduler as beta3_scheduler,
+    Beta3Schedule as Beta3Schedule,
+)
+from ._simplified import (
+    scale_by_simplified_ademamix as scale_by_simplified_ademamix,
+    ScaleBySimplifiedAdemamix as ScaleBySimplifiedAdemamix,
+    ScaleBySimplifiedAdemamixState as ScaleBySimplifiedAdemamixState,
+    simplified_ademamix as simplified_ademamix,
+    SimplifiedAdEMAMix as SimplifiedAdEMAMix,
 )
 from ._storage import (
     AbstractMomentStorage as AbstractMomentStorage,
@@ -39,10 +46,15 @@ __all__ = [
     "CastStorage",
     "ScaleByAdemamix",
     "ScaleByAdemamixState",
+    "ScaleBySimplifiedAdemamix",
+    "ScaleBySimplifiedAdemamixState",
+    "SimplifiedAdEMAMix",
     "ademamix",
     "alpha_scheduler",
     "beta3_scheduler",
     "scale_by_ademamix",
+    "scale_by_simplified_ademamix",
+    "simplified_ademamix",
     "tree_bias_correction",
     "tree_cast",
     "tree_update_moment",
