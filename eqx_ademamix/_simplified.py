@@ -218,12 +218,22 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
     ) -> tuple[list, Any, ScaleBySimplifiedAdemamixState]:
         """The update rule. Returns the direction's leaves in compute precision,
         their treedef, and the new state."""
+        if isinstance(state, ScaleBySimplifiedAdemamixState) and self.use_m != (
+            state.m is not None
+        ):
+            b1 = float(self.b1) if is_concrete(self.b1) else self.b1
+            raise ValueError(
+                f"this optimizer has b1={b1}, but the state "
+                f"{'has no momentum (m=None)' if state.m is None else 'has one'}: "
+                f"it was made by an optimizer with "
+                f"{'b1 = 0' if state.m is None else 'b1 > 0'}."
+            )
         leaves, treedef, moments = flatten_moments(
             grads, state, ScaleBySimplifiedAdemamixState, ("m", "nu"), self.storage
         )
         read, write = self.storage.read, self.storage.write
-        b1 = _at(self.b1, state.count)
-        alpha = _at(self.alpha, state.count)
+        b1 = _at(self.b1, state.count, "b1")
+        alpha = _at(self.alpha, state.count, "alpha")
         count = _saturating_increment(state.count)
         new_m, new_nu, directions = [], [], []
         for i, g in enumerate(leaves):
@@ -406,7 +416,7 @@ class SimplifiedAdEMAMix(AbstractGradientTransformation):
         `eqx.apply_updates`. Updates have the parameters' dtypes.
         """
         del extra_args
-        lr = _at(self.learning_rate, state.count)
+        lr = _at(self.learning_rate, state.count, "learning_rate")
         directions, treedef, state = self.scale._step(updates, state)
         out = descend(
             directions, treedef, updates, params, lr, self.weight_decay, self.mask

@@ -334,8 +334,11 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="ScaleBySimplifiedAdemamixState"):
         opt.update({"w": jnp.ones(3)}, eam.AdEMAMix().init({"w": jnp.ones(3)}))
     bad = eam.SimplifiedAdEMAMix(1e-3, b1=lambda step: jnp.ones(2) * 0.9)
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ValueError, match="`b1` must return a scalar"):
         bad.update(jnp.ones(2), bad.init(jnp.ones(2)))
+    no_m = eam.SimplifiedAdEMAMix(b1=0.0).init(jnp.ones(2))
+    with pytest.raises(ValueError, match="b1 = 0"):
+        eam.SimplifiedAdEMAMix().update(jnp.ones(2), no_m)
 
 
 def test_inject_hyperparams(getkey):
