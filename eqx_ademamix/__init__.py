@@ -6,6 +6,17 @@ from ._ademamix import (
     ScaleByAdemamixState as ScaleByAdemamixState,
 )
 from ._base import AbstractGradientTransformation as AbstractGradientTransformation
+from ._checkpoint import (
+    latest_step as latest_step,
+    load_leaves as load_leaves,
+    restore_checkpoint as restore_checkpoint,
+    save_checkpoint as save_checkpoint,
+    save_leaves as save_leaves,
+)
+from ._faults import (
+    SkipNonFinite as SkipNonFinite,
+    SkipNonFiniteState as SkipNonFiniteState,
+)
 from ._optax import ademamix as ademamix, scale_by_ademamix as scale_by_ademamix
 from ._schedules import (
     AbstractWarmupSchedule as AbstractWarmupSchedule,
@@ -14,6 +25,7 @@ from ._schedules import (
     beta3_scheduler as beta3_scheduler,
     Beta3Schedule as Beta3Schedule,
 )
+from ._sharding import state_shardings as state_shardings
 from ._simplified import (
     scale_by_simplified_ademamix as scale_by_simplified_ademamix,
     ScaleBySimplifiedAdemamix as ScaleBySimplifiedAdemamix,
@@ -24,6 +36,10 @@ from ._simplified import (
 from ._storage import (
     AbstractMomentStorage as AbstractMomentStorage,
     CastStorage as CastStorage,
+)
+from ._transitions import (
+    reset_slow_ema as reset_slow_ema,
+    state_from_adam as state_from_adam,
 )
 from ._tree import (
     tree_bias_correction as tree_bias_correction,
@@ -49,12 +65,22 @@ __all__ = [
     "ScaleBySimplifiedAdemamix",
     "ScaleBySimplifiedAdemamixState",
     "SimplifiedAdEMAMix",
+    "SkipNonFinite",
+    "SkipNonFiniteState",
     "ademamix",
     "alpha_scheduler",
     "beta3_scheduler",
+    "latest_step",
+    "load_leaves",
+    "reset_slow_ema",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "save_leaves",
     "scale_by_ademamix",
     "scale_by_simplified_ademamix",
     "simplified_ademamix",
+    "state_from_adam",
+    "state_shardings",
     "tree_bias_correction",
     "tree_cast",
     "tree_update_moment",
