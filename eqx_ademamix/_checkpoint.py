@@ -234,7 +234,6 @@ def _manager(directory: str | os.PathLike, max_to_keep: int | None, read_only: b
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=not read_only,
-        read_only=read_only,
         enable_async_checkpointing=False,
     )
     return ocp, ocp.CheckpointManager(
@@ -315,6 +314,8 @@ def restore_checkpoint(
     listing every leaf whose path, shape or dtype differs (before any array is
     read).
     """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
     ocp, manager = _manager(directory, None, read_only=True)
     with manager:
         if step is None:
