@@ -82,6 +82,14 @@ def _at(
     return value
 
 
+def _named_scalar(name: str, value: Any) -> Float[Array, ""]:
+    """`as_float_scalar`, with an error that names the argument."""
+    try:
+        return as_float_scalar(value)
+    except ValueError as e:
+        raise ValueError(f"`{name}`: {e}.") from None
+
+
 def _hyperparameter(value: Any, scheduler: Any, name: str) -> ScalarOrSchedule:
     """Merge the optax.contrib style (`b3` may be a schedule) and the seed style
     (`b3_scheduler`) into one field."""
@@ -94,7 +102,7 @@ def _hyperparameter(value: Any, scheduler: Any, name: str) -> ScalarOrSchedule:
         if not callable(scheduler):
             raise ValueError(f"`{name}_scheduler` must be callable, got {scheduler}.")
         return scheduler
-    return value if callable(value) else as_float_scalar(value)
+    return value if callable(value) else _named_scalar(name, value)
 
 
 def _path_str(path) -> str:
@@ -239,12 +247,12 @@ class ScaleByAdemamix(AbstractGradientTransformation):
           instead of one array per parameter (see [`eqx_ademamix.PackedLayout`][]):
           much less per-step overhead for models of many small arrays.
         """
-        self.b1 = as_float_scalar(b1)
-        self.b2 = as_float_scalar(b2)
+        self.b1 = _named_scalar("b1", b1)
+        self.b2 = _named_scalar("b2", b2)
         self.b3 = _hyperparameter(b3, b3_scheduler, "b3")
         self.alpha = _hyperparameter(alpha, alpha_scheduler, "alpha")
-        self.eps = as_float_scalar(eps)
-        self.eps_root = as_float_scalar(eps_root)
+        self.eps = _named_scalar("eps", eps)
+        self.eps_root = _named_scalar("eps_root", eps_root)
         self.mu_dtype = (
             None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
         )
@@ -331,7 +339,7 @@ class ScaleByAdemamix(AbstractGradientTransformation):
             state.m1 is not None
         ):
             have = "has no fast EMA (m1=None)" if state.m1 is None else "has an m1"
-            b1 = float(self.b1) if is_concrete(self.b1) else self.b1
+            b1 = f"{float(self.b1):.6g}" if is_concrete(self.b1) else self.b1
             raise ValueError(
                 f"this optimizer has b1={b1}, but the state {have}: it "
                 "was made by an optimizer with "
@@ -583,9 +591,11 @@ class AdEMAMix(AbstractGradientTransformation):
           Default: all.
         """
         self.learning_rate = (
-            learning_rate if callable(learning_rate) else as_float_scalar(learning_rate)
+            learning_rate
+            if callable(learning_rate)
+            else _named_scalar("learning_rate", learning_rate)
         )
-        self.weight_decay = as_float_scalar(weight_decay)
+        self.weight_decay = _named_scalar("weight_decay", weight_decay)
         self.mask = mask
         self.scale = ScaleByAdemamix(
             b1=b1,
