@@ -472,7 +472,7 @@ def _decays(weight_decay: Float[Array, ""], params: PyTree | None) -> bool:
     if params is None:
         if is_concrete(weight_decay):
             raise ValueError(
-                f"weight_decay={float(weight_decay)} needs the parameters: call "
+                f"weight_decay={float(weight_decay):.6g} needs the parameters: call "
                 "`update(grads, state, params)`."
             )
         return False
