@@ -107,6 +107,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue from the checkpoints in --out-dir (same settings required)",
     )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="stop after this many evaluation intervals in total (0: run to the end); "
+        "everything is checkpointed, continue with --resume",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1:
@@ -276,6 +283,17 @@ def make_optimizer(name: str, args: argparse.Namespace):
 # -------------------------------------------------------------------------- training
 
 
+class Stopped(Exception):
+    """Raised when `--stop-after` intervals have run."""
+
+
+@dataclasses.dataclass
+class Session:
+    """What the runs of one invocation share: the number of intervals run so far."""
+
+    intervals: int = 0
+
+
 @dataclasses.dataclass
 class Run:
     name: str
@@ -289,9 +307,17 @@ class Run:
         return f"{self.name.replace(' ', '_')}_seed{self.seed}"
 
 
-def make_chunk(tx: optax.GradientTransformation, args: argparse.Namespace):
-    """A jitted function that trains for `eval_every` steps inside one `lax.scan`
-    (one dispatch per chunk) and returns the mean training loss."""
+_COMPILED: dict = {}
+
+
+def make_chunk(name: str, args: argparse.Namespace):
+    """A jitted function that trains with optimizer `name` for `eval_every` steps
+    inside one `lax.scan` (one dispatch per interval) and returns the mean training
+    loss. Cached, so that seeds (and repeated `main` calls) compile it once."""
+    cache_key = (name, tuple(sorted(config(args).items())))
+    if cache_key in _COMPILED:
+        return _COMPILED[cache_key]
+    tx = make_optimizer(name, args)
 
     @eqx.filter_jit
     def chunk(model, opt_state, data, data_key, first_step):
@@ -312,6 +338,7 @@ def make_chunk(tx: optax.GradientTransformation, args: argparse.Namespace):
         (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), steps)
         return eqx.combine(params, static), opt_state, losses.mean()
 
+    _COMPILED[cache_key] = chunk
     return chunk
 
 
@@ -326,7 +353,7 @@ def run_one(
     train: Array,
     val_windows: Array,
     bar: tqdm,
-    chunks: dict,
+    session: "Session",
 ) -> Run:
     init_key, data_key = jr.split(jr.key(run.seed))
     model = ByteTransformer(
@@ -348,10 +375,10 @@ def run_one(
         run = Run(**saved["run"])
         done = run.steps[-1] if run.steps else 0
         bar.update(done)
-    if run.name not in chunks:  # one compilation per optimizer, shared by seeds
-        chunks[run.name] = make_chunk(tx, args)
-    chunk = chunks[run.name]
+    chunk = make_chunk(run.name, args)
     while done < args.steps:
+        if args.stop_after and session.intervals >= args.stop_after:
+            raise Stopped
         model, opt_state, train_loss = chunk(
             model, opt_state, train, data_key, jnp.asarray(done)
         )
@@ -366,6 +393,7 @@ def run_one(
         meta.write_text(
             json.dumps({"config": config(args), "run": dataclasses.asdict(run)})
         )
+        session.intervals += 1
     return run
 
 
@@ -475,11 +503,15 @@ def main(argv: list[str] | None = None) -> dict:
     names = [n for n in OPTIMIZERS if n in args.optimizers]
     runs = [Run(name, seed) for seed in args.seeds for name in names]
     start = time.perf_counter()
-    chunks: dict = {}
+    session = Session()
     with tqdm(
         total=len(runs) * args.steps, unit="step", disable=args.no_progress
     ) as bar:
-        runs = [run_one(r, args, train, val_windows, bar, chunks) for r in runs]
+        try:
+            runs = [run_one(r, args, train, val_windows, bar, session) for r in runs]
+        except Stopped:
+            print(f"stopped after {args.stop_after} intervals; continue with --resume")
+            return {}
     elapsed = time.perf_counter() - start
     summary = summarise(runs, names, args.seeds, args.steps)
     print(f"\n{len(runs)} runs of {args.steps} steps in {elapsed / 60:.1f} min")

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, p in paths.items():
         d = np.linalg.norm(p - np.asarray(OPTIMUM), axis=1)
         summary[name] = {
+            "final_point": p[-1].tolist(),
             "final_distance": float(d[-1]),
             "first_step_within_tol": first_within(d, args.tol),
         }

@@ -1,0 +1,98 @@
+"""Smoke runs of the examples with tiny settings: they run, write their outputs, and
+a run interrupted and resumed from its checkpoints ends where an uninterrupted one
+does."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name: str):
+    path = EXAMPLES / f"{name}.py"
+    if not path.exists():
+        pytest.skip(f"{path.name} does not exist")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def standard_promotion():
+    # The examples are user code: they run under JAX's default promotion rules,
+    # not the strict ones the package's own tests use.
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+def test_quickstart():
+    quickstart = _load("quickstart")
+    quickstart.main(["--steps", "50"])
+
+
+def test_rosenbrock(tmp_path):
+    rosenbrock = _load("rosenbrock")
+    result = rosenbrock.main(
+        ["--steps", "300", "--lr", "0.01", "--out-dir", str(tmp_path), "--no-progress"]
+    )
+    assert (tmp_path / "rosenbrock.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "rosenbrock.json").read_text())
+    assert set(saved["summary"]) == set(result["summary"])
+    assert len(saved["summary"]) == 5
+    start = np.hypot(-3 - 1, 5 - 1)
+    for name, distances in saved["distances"].items():
+        assert distances[0] == pytest.approx(start)
+        x, y = result["summary"][name]["final_point"]
+        assert (1 - x) ** 2 + 100 * (y - x**2) ** 2 < 1616 / 10, name  # f(-3, 5)
+
+
+TINY = [
+    "--steps", "20", "--eval-every", "10", "--width", "16", "--depth", "1",
+    "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "1",
+    "--max-corpus-mb", "0.3", "--no-progress",
+]  # fmt: skip
+
+
+def test_char_lm_runs_and_resumes(tmp_path):
+    """All three optimizers; then the same run stopped in the middle of AdEMAMix's
+    run and resumed from the checkpoints ends with the same curves."""
+    char_lm = _load("char_lm")
+    args = TINY + ["--seeds", "0"]
+    whole = char_lm.main(args + ["--out-dir", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "char_lm.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "a" / "char_lm.json").read_text())
+    assert set(saved["summary"]) == set(char_lm.OPTIMIZERS)
+    assert len(saved["runs"]) == 3
+    for run in saved["runs"]:
+        assert run["steps"] == [10, 20]
+        # From uniform bytes (ln 256 = 5.55 nats) the loss must have come down.
+        assert np.all(np.isfinite(run["val_loss"]))
+        assert run["val_loss"][-1] < np.log(256)
+    adamw = [r for r in saved["runs"] if r["name"] == "AdamW"][0]
+    summary = whole["summary"]["AdamW"]
+    assert summary["final_val_loss_per_seed"] == [adamw["val_loss"][-1]]
+
+    out = str(tmp_path / "b")
+    # AdamW has 2 intervals, so this stops after AdEMAMix's first one.
+    assert char_lm.main(args + ["--out-dir", out, "--stop-after", "3"]) == {}
+    resumed = char_lm.main(args + ["--out-dir", out, "--resume"])
+    for a, b in zip(whole["runs"], resumed["runs"], strict=True):
+        assert a["name"] == b["name"] and a["steps"] == b["steps"]
+        np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="other settings"):
+        char_lm.main(args + ["--out-dir", out, "--resume", "--lr", "1e-2"])
+
+
+def test_steps_to_reach():
+    char_lm = _load("char_lm")
+    steps, losses = [10, 20, 30], [3.0, 2.0, 1.0]
+    assert char_lm.steps_to_reach(steps, losses, 2.5) == pytest.approx(15.0)
+    assert char_lm.steps_to_reach(steps, losses, 3.5) == 10.0
+    assert char_lm.steps_to_reach(steps, losses, 0.5) == float("inf")
