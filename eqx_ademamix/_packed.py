@@ -6,11 +6,17 @@ device). A model of many small arrays (300 biases and norms of 16 values, say)
 spends almost all of its optimizer step in that overhead: the arithmetic on 4,800
 numbers takes microseconds, the 900 moment buffers cost milliseconds.
 
-With `packed=True`, [`eqx_ademamix.ScaleByAdemamix`][] stores each moment as one
-flat buffer per parameter dtype. At every step the gradients are concatenated
-into the same layout, the update rule (unchanged, in `_ademamix.py`) runs once per
-buffer, and the direction is sliced back into the parameters' shapes. The state
-then has three buffers per dtype instead of three per parameter.
+With `packed=True`, [`eqx_ademamix.ScaleByAdemamix`][] stores the moments of all
+small parameters (up to `PACK_MAX_SIZE` elements) as one flat buffer per moment
+and per parameter dtype. At every step the small gradients are concatenated into
+the same layout, the update rule (unchanged, in `_ademamix.py`) runs once per
+buffer, and the direction is sliced back into the parameters' shapes.
+
+Large parameters keep a buffer of their own, in their own shape: for them the
+per-array overhead is negligible next to the arithmetic, while packing would cost
+real memory traffic (the concatenated gradient and the sliced direction are
+materialised, about 16 extra bytes per float32 parameter). So `packed=True` never
+slows a model of large arrays down, and large arrays keep their sharding.
 
 The buffers carry a static [`eqx_ademamix.PackedLayout`][] (which leaf sits
 where), so a gradient tree of another structure is an error, not a silent
@@ -29,6 +35,12 @@ from jaxtyping import Array, Inexact, PyTree
 from ._tree import _is_none
 
 
+# Leaves with more elements than this keep their own buffer. Near the measured
+# crossover on CPU (see benchmarks/RESULTS.md): packing a leaf saves a few
+# microseconds of per-array overhead and costs ~16 bytes of traffic per element.
+PACK_MAX_SIZE = 4096
+
+
 class PackedLayout:
     """Where each leaf of a parameter tree lives in the packed buffers.
 
@@ -40,25 +52,31 @@ class PackedLayout:
 
     __slots__ = ("treedef", "entries", "groups", "_hash")
 
-    def __init__(self, tree: PyTree):
+    def __init__(self, tree: PyTree, max_size: int = PACK_MAX_SIZE):
         leaves, self.treedef = jax.tree.flatten(tree, is_leaf=_is_none)
         sizes: dict[str, int] = {}
         entries = []
-        for leaf in leaves:
+        for i, leaf in enumerate(leaves):
             if leaf is None:
                 entries.append(None)
                 continue
-            key = jnp.dtype(leaf.dtype).name
             shape = tuple(int(d) for d in leaf.shape)
             size = 1
             for d in shape:
                 size *= d
+            if size > max_size:
+                # A buffer of its own, in its own shape (offset None).
+                key = f"leaf{i:06d}"
+                entries.append((key, None, shape))
+                sizes[key] = size
+                continue
+            key = jnp.dtype(leaf.dtype).name
             offset = sizes.get(key, 0)
             entries.append((key, offset, shape))
             sizes[key] = offset + size
-        # (group, offset, shape) per leaf, None for None leaves.
+        # (buffer, offset or None, shape) per leaf; None for None leaves.
         self.entries: tuple = tuple(entries)
-        # (group, size) per dtype, in sorted order (the order of a dict's leaves).
+        # (buffer, size) in sorted order (the order of a dict's leaves).
         self.groups: tuple = tuple(sorted(sizes.items()))
         self._hash = hash((self.treedef, self.entries))
 
@@ -74,8 +92,11 @@ class PackedLayout:
         )
 
     def __repr__(self) -> str:
-        groups = ", ".join(f"{key}: {size}" for key, size in self.groups)
-        return f"PackedLayout({len(self.entries)} leaves; {groups})"
+        packed = ", ".join(
+            f"{key}: {size}" for key, size in self.groups if not key.startswith("leaf")
+        )
+        solo = sum(key.startswith("leaf") for key, _ in self.groups)
+        return f"PackedLayout(packed {{{packed}}}, {solo} leaves on their own)"
 
     def pack(self, tree: PyTree) -> "PackedBuffers":
         """Concatenate the leaves of `tree` (which has this layout) into one flat
@@ -83,23 +104,28 @@ class PackedLayout:
         leaves = self.treedef.flatten_up_to(tree)
         parts: dict[str, list] = {key: [] for key, _ in self.groups}
         for leaf, entry in zip(leaves, self.entries):
-            if entry is not None:
-                parts[entry[0]].append(jnp.ravel(leaf))
+            if entry is None:
+                continue
+            key, offset, _ = entry
+            parts[key].append(leaf if offset is None else jnp.ravel(leaf))
         buffers = {
             key: chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
             for key, chunks in parts.items()
         }
         return PackedBuffers(buffers, self)
 
-    def unpack(self, buffers: dict[str, Inexact[Array, " _"]]) -> list:
-        """Slice flat buffers (one per dtype group, any dtype) back into the leaves'
-        shapes. Returns the list of leaves (`None` where the tree has `None`)."""
+    def unpack(self, buffers: dict[str, Inexact[Array, "..."]]) -> list:
+        """Slice buffers of this layout (of any dtype) back into the leaves' shapes.
+        Returns the list of leaves (`None` where the tree has `None`)."""
         out = []
         for entry in self.entries:
             if entry is None:
                 out.append(None)
                 continue
             key, offset, shape = entry
+            if offset is None:
+                out.append(buffers[key])
+                continue
             size = 1
             for d in shape:
                 size *= d
@@ -109,7 +135,9 @@ class PackedLayout:
 
 
 class PackedBuffers(eqx.Module):
-    """Flat buffers, one per dtype group, with the layout they were packed with.
+    """The buffers of a packed tree: one flat buffer per dtype for the small leaves
+(keys like `"float32"`), and each large leaf as it is (keys like `"leaf000007"`,
+after its position in the tree), with the layout they were packed with.
 
     This is what the moments `m1`, `m2`, `nu` of a packed
     [`eqx_ademamix.ScaleByAdemamixState`][] are. The layout is static, so it is part
