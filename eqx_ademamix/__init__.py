@@ -18,6 +18,10 @@ from ._faults import (
     SkipNonFiniteState as SkipNonFiniteState,
 )
 from ._optax import ademamix as ademamix, scale_by_ademamix as scale_by_ademamix
+from ._quantize import (
+    Blockwise8Bit as Blockwise8Bit,
+    Blockwise8BitArray as Blockwise8BitArray,
+)
 from ._schedules import (
     AbstractWarmupSchedule as AbstractWarmupSchedule,
     alpha_scheduler as alpha_scheduler,
@@ -59,6 +63,8 @@ __all__ = [
     "AdEMAMix",
     "AlphaSchedule",
     "Beta3Schedule",
+    "Blockwise8Bit",
+    "Blockwise8BitArray",
     "CastStorage",
     "ScaleByAdemamix",
     "ScaleByAdemamixState",

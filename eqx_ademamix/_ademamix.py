@@ -229,6 +229,7 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         eps_root: float | Float[ArrayLike, ""] = 0.0,
         mu_dtype: Any | None = None,
         packed: bool = False,
+        quantized: AbstractMomentStorage | None = None,
     ):
         """**Arguments:**
 
@@ -247,6 +248,9 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         - `packed`: store each moment as one flat buffer per parameter dtype
           instead of one array per parameter (see [`eqx_ademamix.PackedLayout`][]):
           much less per-step overhead for models of many small arrays.
+        - `quantized`: how the moments are stored, e.g.
+          [`eqx_ademamix.Blockwise8Bit`][]`()` for 8-bit state (a quarter of the
+          memory). Default `None`: plain arrays ([`eqx_ademamix.CastStorage`][]).
         """
         self.b1 = _named_scalar("b1", b1)
         self.b2 = _named_scalar("b2", b2)
@@ -258,7 +262,7 @@ class ScaleByAdemamix(AbstractGradientTransformation):
             None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
         )
         self.use_m1 = not (is_concrete(self.b1) and float(self.b1) == 0)
-        self.storage = CastStorage()
+        self.storage = CastStorage() if quantized is None else quantized
         self.packed = bool(packed)
         self.residuals = (
             rounding_residual(b1, self.b1),
@@ -275,6 +279,11 @@ class ScaleByAdemamix(AbstractGradientTransformation):
             check_finite("alpha", self.alpha)
         check_nonnegative("eps", self.eps)
         check_nonnegative("eps_root", self.eps_root)
+        if not isinstance(self.storage, AbstractMomentStorage):
+            raise ValueError(
+                "`quantized` must be a storage such as `eqx_ademamix.Blockwise8Bit()` "
+                f"or None, got quantized={self.storage!r}."
+            )
         if self.mu_dtype is not None and not jnp.issubdtype(self.mu_dtype, jnp.inexact):
             raise ValueError(
                 f"`mu_dtype` must be a floating dtype, got {self.mu_dtype}."
@@ -596,13 +605,15 @@ class AdEMAMix(AbstractGradientTransformation):
         mask: Any = None,
         mu_dtype: Any | None = None,
         packed: bool = False,
+        quantized: AbstractMomentStorage | None = None,
     ):
         """**Arguments:**
 
         - `learning_rate`: a float >= 0, or a schedule `step -> lr` (any optax
           schedule).
         - `b1`, `b2`, `b3`, `alpha`, `b3_scheduler`, `alpha_scheduler`, `eps`,
-          `eps_root`, `mu_dtype`, `packed`: as in [`eqx_ademamix.ScaleByAdemamix`][].
+          `eps_root`, `mu_dtype`, `packed`, `quantized`: as in
+          [`eqx_ademamix.ScaleByAdemamix`][].
         - `weight_decay`: decoupled weight decay $\\lambda \\geq 0$, multiplied by the
           learning rate (as in optax and PyTorch).
         - `mask`: which parameters are decayed: a tree of booleans whose structure
@@ -627,6 +638,7 @@ class AdEMAMix(AbstractGradientTransformation):
             eps_root=eps_root,
             mu_dtype=mu_dtype,
             packed=packed,
+            quantized=quantized,
         )
 
     def __check_init__(self):

@@ -7,6 +7,7 @@ import optax
 from jaxtyping import ArrayLike, Float
 
 from ._ademamix import AdEMAMix, ScalarOrSchedule, ScaleByAdemamix, Schedule
+from ._storage import AbstractMomentStorage
 
 
 def ademamix(
@@ -22,6 +23,7 @@ def ademamix(
     weight_decay: float | Float[ArrayLike, ""] = 0.0,
     mu_dtype: Any | None = None,
     mask: Any = None,
+    quantized: AbstractMomentStorage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdEMAMix as an optax transformation, with the seed code's arguments.
 
@@ -46,6 +48,7 @@ def ademamix(
         weight_decay=weight_decay,
         mask=mask,
         mu_dtype=mu_dtype,
+        quantized=quantized,
     ).to_optax()
 
 
@@ -59,6 +62,7 @@ def scale_by_ademamix(
     eps: float | Float[ArrayLike, ""] = 1e-8,
     eps_root: float | Float[ArrayLike, ""] = 0.0,
     mu_dtype: Any | None = None,
+    quantized: AbstractMomentStorage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The AdEMAMix direction (no learning rate, no weight decay) as an optax
     transformation, with the seed code's arguments.
@@ -80,4 +84,5 @@ def scale_by_ademamix(
         eps=eps,
         eps_root=eps_root,
         mu_dtype=mu_dtype,
+        quantized=quantized,
     ).to_optax()

@@ -1,0 +1,426 @@
+"""Blockwise 8-bit storage of optimizer moments (Dettmers et al. 2021).
+
+A moment leaf is cut into blocks of `block_size` consecutive elements (row-major
+order, the last block zero-padded). Each block stores one float32 scale, its
+largest magnitude (absmax), and one byte per element: the index of the element's
+value divided by absmax in a 256-entry *dynamic tree* code book. Reading
+multiplies the code book's value by the block's absmax; writing divides by the new
+absmax and rounds to one of the two neighbouring codes, at random with the
+probabilities that make the expected value exact (stochastic rounding), so slow
+EMAs keep every small increment on average.
+
+The dynamic tree code book (Dettmers 2016; "8-bit Optimizers via Block-wise
+Quantization", Dettmers, Lewis, Shleifer, Zettlemoyer 2021) reads a byte as
+`[sign] 0...0 1 f...f`: after the optional sign bit, the number `E` of zeros
+before the first one is a decimal exponent, and the `F` bits after it a linear
+fraction. Its magnitude is
+
+    10**-E * (0.1 + 0.9 * (k + 1) / 2**F),    k = the fraction bits, 0 <= k < 2**F,
+
+so level `E` holds `2**F` evenly spaced values in `(10**-(E+1), 10**-E]`; the
+all-zero magnitude is 0. (bitsandbytes puts the values in the middle of each
+linear step; putting them at the step's top makes 1 and -1 exact, which a
+blockwise scheme needs: the block's largest element is always +-1 after scaling,
+and a code book without -1 would shrink every negative block maximum each step.)
+With 7 magnitude bits (signed) the smallest non-zero magnitude is 1e-6, with 8
+(unsigned, for the second moment) 1e-7. The magnitude grows with the code read as
+an integer, so codes are ordered like their values and a value's two neighbours
+are two consecutive integers; the signed byte 0b1000_0000 (negative zero) is
+never written.
+"""
+
+import functools
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Float32, Inexact, Int, PyTree, Shaped, UInt8, UInt32
+
+from ._storage import AbstractMomentStorage, CastStorage, hash_bits
+from ._tree import compute_dtype, real_dtype
+
+
+def _magnitude_bits(signed: bool) -> int:
+    return 7 if signed else 8
+
+
+def _tenth_powers(
+    e: Int[Array, "*shape"], n: int, dtype: Any
+) -> Float[Array, "*shape"]:
+    """`10.0**-e` rounded to `dtype`, for integers `0 <= e <= n`: a chain of selects
+    between exact constants (no table lookup, so it shards like `e`)."""
+    out = jnp.ones(e.shape, dtype)
+    for i in range(1, n + 1):
+        out = jnp.where(e == i, jnp.asarray(10.0**-i, dtype), out)
+    return out
+
+
+def _powers_of_ten(
+    e: Int[Array, "*shape"], n: int, dtype: Any
+) -> Float[Array, "*shape"]:
+    """`10.0**e` rounded to `dtype`, for integers `0 <= e <= n`."""
+    out = jnp.ones(e.shape, dtype)
+    for i in range(1, n + 1):
+        out = jnp.where(e == i, jnp.asarray(10.0**i, dtype), out)
+    return out
+
+
+def decode_magnitude(
+    c: Int[Array, "*shape"], bits: int, dtype: Any = jnp.float32
+) -> Float[Array, "*shape"]:
+    """The magnitude a code `0 <= c < 2**bits` stands for, by arithmetic.
+
+    With the leading one of `c` at bit `j` (so `E = bits - 1 - j` zeros before it
+    and `F = j` fraction bits `k = c - 2**j` after it), the magnitude is
+    `10**-E * (0.1 + 0.9 * (k + 1) / 2**j) = (2**j + 9 (k + 1)) / 2**j * 10**-(E+1)`.
+    The first factor is exact in floating point, so the result is one correctly
+    rounded product on every backend; `c = 0` is 0. Arithmetic rather than a table
+    lookup: it is as fast on CPU and needs no gather, which sharded arrays (e.g.
+    under explicit sharding) do not support everywhere."""
+    j = 31 - lax.clz(jnp.maximum(c, 1))
+    power = jnp.left_shift(jnp.ones_like(c), j)
+    numerator = (power + 9 * (c - power + 1)).astype(dtype)
+    value = numerator / power.astype(dtype) * _tenth_powers(bits - j, bits, dtype)
+    return jnp.where(c > 0, value, jnp.zeros((), dtype))
+
+
+@functools.cache
+def magnitudes(signed: bool) -> np.ndarray:
+    """The code book's magnitudes, indexed by the magnitude code (an integer of 7
+    bits when `signed`, else 8), in float32 and strictly increasing."""
+    bits = _magnitude_bits(signed)
+    codes = np.arange(2**bits, dtype=np.int32)
+    out = np.asarray(jax.jit(decode_magnitude, static_argnums=1)(codes, bits))
+    out.setflags(write=False)
+    return out
+
+
+def code_book(signed: bool) -> np.ndarray:
+    """The 256 values a byte stands for, indexed by the byte (float32).
+
+    Unsigned: the magnitude of the 8-bit code. Signed: bit 7 is the sign and bits
+    0-6 the magnitude code, so `book[128 + c] == -book[c]`; the byte 128 (negative
+    zero) decodes to 0 and is never written.
+
+    **Arguments:**
+
+    - `signed`: the signed code book (for first moments) or the unsigned one (for
+      the second moment, which is never negative).
+
+    **Returns:** a NumPy float32 array of shape `(256,)`.
+    """
+    mags = magnitudes(signed)
+    if not signed:
+        return mags
+    return np.concatenate([mags, -mags]) + np.float32(0)  # -0.0 -> 0.0
+
+
+def _lower_code_direct(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*shape"]:
+    """The largest magnitude code `c` with `magnitude(c) <= m`, for `m` in [0, 1], in
+    O(1) per element: the decimal exponent from `bits` comparisons, the linear
+    fraction by inverting its formula.
+
+    Round-off in the inversion can move the result by one code when `m` lies
+    within about 1e-5 of a code step of a code's value; the caller clips the
+    interpolation weight to [0, 1], so such an `m` is stored as that (almost equal)
+    code either way."""
+    dtype = m.dtype
+    top = 2**bits - 1
+    # Level E holds (10**-(E+1), 10**-E]; E == bits means below every non-zero code.
+    exponent = jnp.zeros(m.shape, jnp.int32)
+    for e in range(1, bits + 1):
+        boundary = (
+            decode_magnitude(jnp.asarray(2 ** (bits - e) - 1), bits, dtype)
+            if e < bits
+            else jnp.asarray(10.0**-bits, dtype)
+        )
+        exponent = exponent + (m <= boundary).astype(jnp.int32)
+    j = jnp.clip(bits - 1 - exponent, 0, bits - 1)
+    power = jnp.left_shift(jnp.ones(m.shape, jnp.int32), j)
+    # m = 10**-E * (0.1 + 0.9 * pos / 2**j): the value of fraction k is at pos = k+1.
+    scaled = m * _powers_of_ten(exponent, bits, dtype)
+    pos = (scaled - jnp.asarray(0.1, dtype)) / jnp.asarray(0.9, dtype)
+    k = jnp.floor(pos * power.astype(dtype)).astype(jnp.int32) - 1
+    code = jnp.where(exponent >= bits, 0, power + k)
+    return jnp.clip(code, 0, top)
+
+
+def _lower_code_search(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*shape"]:
+    """Exactly the largest code `c` with `magnitude(c) <= m`, by a binary search of
+    the code book per element (`jnp.searchsorted`); for comparison."""
+    table = decode_magnitude(jnp.arange(2**bits, dtype=jnp.int32), bits, m.dtype)
+    code = jnp.searchsorted(table, m, side="right").astype(jnp.int32) - 1
+    return jnp.clip(code, 0, 2**bits - 1)
+
+
+def _divide(
+    x: Float[Array, "blocks block_size"], d: Float[Array, " blocks"]
+) -> Float[Array, "blocks block_size"]:
+    """`x / d[:, None]` for `d >= 0` (0 where `d == 0`), exact in the exponent.
+
+    Compilers turn the division into a multiplication by `1 / d`, which is a
+    denormal, flushed to zero on many backends, once `d` exceeds ~1e38 (float32).
+    Splitting `d = mantissa * 2**e` and scaling by two normal powers of two keeps
+    every intermediate normal."""
+    mantissa, e = jnp.frexp(jnp.where(d > 0, d, jnp.ones((), d.dtype)))
+    half = e // 2
+    one = jnp.ones((), d.dtype)
+    first = jnp.ldexp(one, -half)
+    second = jnp.ldexp(one, half - e) / mantissa
+    return x * first[:, None] * second[:, None]
+
+
+def quantize_blocks(
+    blocks: Float[Array, "blocks block_size"],
+    signed: bool,
+    bits: UInt32[Array, "blocks block_size"] | None,
+    search: bool = False,
+) -> tuple[UInt8[Array, "blocks block_size"], Float32[Array, " blocks"]]:
+    """Codes and absmax of `blocks` (one block per row).
+
+    **Arguments:**
+
+    - `blocks`: real values, float32 or wider.
+    - `signed`: use the signed code book; else negative values are stored as 0.
+    - `bits`: 32 random bits per element for stochastic rounding, or `None` to
+      round to the nearest code.
+    - `search`: find the neighbouring codes by binary search (`jnp.searchsorted`)
+      instead of the O(1) inversion of the code book (same result; for benchmarks).
+
+    **Returns:** `(codes, absmax)`. A block holding a NaN or an infinity gets
+    absmax NaN (and codes 0): it reads back as all NaN instead of as finite numbers
+    that hide the problem. A block of zeros gets absmax 0 and reads back as zeros.
+    """
+    dtype = blocks.dtype
+    n_bits = _magnitude_bits(signed)
+    top = 2**n_bits - 1
+    finite = jnp.all(jnp.isfinite(blocks), axis=1)
+    if not signed:
+        blocks = jnp.maximum(blocks, jnp.zeros((), dtype))
+    magnitude = jnp.abs(blocks)
+    absmax = jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0), axis=1)
+    absmax32 = absmax.astype(jnp.float32)
+    # Divide by the float32 absmax that is stored, so reading back is consistent.
+    m = jnp.clip(_divide(magnitude, absmax32.astype(dtype)), 0, 1)
+    m = jnp.where(jnp.isfinite(m), m, 0)
+    find = _lower_code_search if search else _lower_code_direct
+    low = find(m, n_bits)
+    high = jnp.minimum(low + 1, top)
+    below = decode_magnitude(low, n_bits, dtype)
+    above = decode_magnitude(high, n_bits, dtype)
+    gap = above - below
+    frac = jnp.where(gap > 0, (m - below) / jnp.where(gap > 0, gap, 1), 0)
+    frac = jnp.clip(frac, 0, 1)
+    if bits is None:
+        up = frac > 0.5
+    else:
+        uniform = (bits >> 8).astype(dtype) * jnp.asarray(2.0**-24, dtype)
+        up = uniform < frac
+    code = jnp.where(up, high, low)
+    if not signed:
+        # A second moment is a denominator: a positive value stored as 0 would turn
+        # the step of that element into m / eps. Below the smallest non-zero code,
+        # positive values therefore round up to it (a step that is at most that
+        # much smaller, never one that explodes).
+        code = jnp.where(m > 0, jnp.maximum(code, 1), code)
+    if signed:
+        code = jnp.where((blocks < 0) & (code > 0), code + 128, code)
+    code = jnp.where(finite[:, None], code, 0)
+    absmax32 = jnp.where(finite, absmax32, jnp.nan)
+    return code.astype(jnp.uint8), absmax32
+
+
+def dequantize_blocks(
+    codes: UInt8[Array, "blocks block_size"],
+    absmax: Float32[Array, " blocks"],
+    signed: bool,
+    dtype: Any = jnp.float32,
+) -> Float[Array, "blocks block_size"]:
+    """The values `code_book(signed)[codes] * absmax`, in `dtype`."""
+    c = codes.astype(jnp.int32)
+    if signed:
+        magnitude = decode_magnitude(c & 127, 7, dtype)
+        value = jnp.where(c >= 128, -magnitude, magnitude)
+    else:
+        value = decode_magnitude(c, 8, dtype)
+    return value * absmax.astype(dtype)[:, None]
+
+
+class Blockwise8BitArray(eqx.Module):
+    """One moment leaf stored in blockwise 8-bit form (see
+    [`eqx_ademamix.Blockwise8Bit`][]).
+
+    - `codes`: one byte per element, `(blocks, block_size)`, row-major over the
+      flattened moment, the last block zero-padded.
+    - `absmax`: the largest magnitude of each block, float32, `(blocks,)`; NaN marks
+      a block that was written a NaN or an infinity.
+    - `shape`: the shape of the moment (static).
+    - `dtype`: the dtype reads return (static): the moment's dtype, at least
+      float32.
+    - `signed`: whether the signed code book is used (static).
+    """
+
+    codes: UInt8[Array, "blocks block_size"]
+    absmax: Float32[Array, " blocks"]
+    shape: tuple[int, ...] = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+    signed: bool = eqx.field(static=True)
+
+    @property
+    def block_size(self) -> int:
+        return self.codes.shape[1]
+
+    def dequantize(self) -> Float[Array, "..."]:
+        """The stored values, shaped like the moment, in `self.dtype`."""
+        values = dequantize_blocks(self.codes, self.absmax, self.signed, self.dtype)
+        size = math.prod(self.shape)
+        return values.reshape(-1)[:size].reshape(self.shape)
+
+
+def to_blocks(
+    value: Shaped[Array, "..."], block_size: int
+) -> Shaped[Array, "blocks block_size"]:
+    """`value` flattened (row-major), zero-padded to whole blocks, one block a row."""
+    flat = value.reshape(-1)
+    pad = -flat.shape[0] % block_size
+    if pad:
+        flat = jnp.concatenate([flat, jnp.zeros((pad,), flat.dtype)])
+    return flat.reshape(-1, block_size)
+
+
+class Blockwise8Bit(AbstractMomentStorage):
+    r"""Store optimizer moments in 8 bits per element: blockwise dynamic (tree)
+    quantization with stochastic rounding.
+
+    Each moment leaf with at least `min_size` elements is cut into blocks of
+    `block_size` consecutive elements; a block stores its largest magnitude
+    (absmax, float32) and one byte per element, the element divided by absmax
+    rounded to a 256-entry *dynamic tree* code book: a decimal exponent (the number
+    of leading zero bits) and a linear fraction (the remaining bits), so that the
+    code book spans seven decades with a relative resolution of about 1.4%-14%
+    within each. The first moments `m1`, `m2` use the signed code book, the second
+    moment `nu` the unsigned one (one more bit of resolution). The scheme is that of
+    Dettmers, Lewis, Shleifer, Zettlemoyer, *8-bit Optimizers via Block-wise
+    Quantization*, ICLR 2022 ([arXiv:2110.02861](https://arxiv.org/abs/2110.02861)),
+    which bitsandbytes applies to AdEMAMix.
+
+    Each step dequantizes to float32, updates, and re-quantizes. Re-quantizing to
+    the nearest code, as bitsandbytes does, loses every increment smaller than half
+    a code step, and AdEMAMix's slow EMA (`b3 = 0.9999`) moves by 1e-4 of the
+    gradient per step: it would stall far from its value. Here each element is
+    rounded to one of its two neighbouring codes at random, with the probability
+    that makes the expected stored value exact (stochastic rounding), so all three
+    EMAs stay unbiased. The random bits are a counter-based hash of the element's
+    index and a per-step seed: no PRNG key in the state, identical on every replica.
+    A rounded value never changes sign.
+
+    Memory: 1 byte per element plus 4 bytes per block, i.e. 3.05 bytes per
+    parameter for AdEMAMix's three moments at `block_size=256`, against 12 bytes in
+    float32. Leaves with fewer than `min_size` elements (biases, norms) and complex
+    leaves are kept as plain arrays (in `mu_dtype`, as without quantization).
+
+    Non-finite values: a block written a NaN or an infinity stores absmax NaN, so the
+    whole block reads back as NaN (the same failure as float32 state, widened to
+    the block) instead of as finite numbers that hide it. Finite inputs never
+    produce a NaN: a block of zeros stores absmax 0.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_ademamix as eam
+
+        opt = eam.AdEMAMix(learning_rate=1e-3, quantized=eam.Blockwise8Bit())
+        params = {"w": jnp.zeros((256, 256)), "b": jnp.zeros(256)}
+        state = opt.init(params)
+        print(type(state.m2["w"]).__name__, state.m2["w"].codes.dtype)
+        # Blockwise8BitArray uint8   ("b" is small, so it stays a float32 array)
+        ```
+    """
+
+    block_size: int = eqx.field(static=True, default=256)
+    min_size: int = eqx.field(static=True, default=4096)
+    stochastic_rounding: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        if (
+            not isinstance(self.block_size, int)
+            or isinstance(self.block_size, bool)
+            or self.block_size < 1
+        ):
+            raise ValueError(
+                f"`block_size` must be a positive integer, got "
+                f"block_size={self.block_size!r}."
+            )
+        if (
+            not isinstance(self.min_size, int)
+            or isinstance(self.min_size, bool)
+            or self.min_size < 0
+        ):
+            raise ValueError(
+                f"`min_size` must be an integer >= 0, got min_size={self.min_size!r}."
+            )
+        if not isinstance(self.stochastic_rounding, bool):
+            raise ValueError(
+                "`stochastic_rounding` must be True or False, got "
+                f"stochastic_rounding={self.stochastic_rounding!r}."
+            )
+
+    def _quantizes(self, like: Inexact[Array, "..."]) -> bool:
+        return like.size >= max(self.min_size, 1) and not jnp.iscomplexobj(like)
+
+    def init(
+        self, like: Inexact[Array, "..."], dtype: Any, signed: bool
+    ) -> Blockwise8BitArray | Inexact[Array, "..."]:
+        if not self._quantizes(like) or jnp.issubdtype(dtype, jnp.complexfloating):
+            return CastStorage().init(like, dtype, signed)
+        blocks = -(-like.size // self.block_size)
+        return Blockwise8BitArray(
+            codes=jnp.zeros((blocks, self.block_size), jnp.uint8),
+            absmax=jnp.zeros((blocks,), jnp.float32),
+            shape=tuple(like.shape),
+            dtype=compute_dtype(real_dtype(dtype)),
+            signed=signed,
+        )
+
+    def read(
+        self, stored: Blockwise8BitArray | Inexact[Array, "..."]
+    ) -> Inexact[Array, "..."]:
+        if isinstance(stored, Blockwise8BitArray):
+            return stored.dequantize()
+        return CastStorage().read(stored)
+
+    def write(
+        self,
+        stored: Blockwise8BitArray | Inexact[Array, "..."],
+        value: Inexact[Array, "..."],
+        seed: UInt32[Array, ""],
+    ) -> Blockwise8BitArray | Inexact[Array, "..."]:
+        if not isinstance(stored, Blockwise8BitArray):
+            return CastStorage().write(stored, value, seed)
+        blocks = to_blocks(value.astype(stored.dtype), stored.block_size)
+        bits = hash_bits(blocks.shape, seed) if self.stochastic_rounding else None
+        codes, absmax = quantize_blocks(blocks, stored.signed, bits)
+        return Blockwise8BitArray(
+            codes=codes,
+            absmax=absmax,
+            shape=stored.shape,
+            dtype=stored.dtype,
+            signed=stored.signed,
+        )
+
+    def shape(self, stored: PyTree) -> tuple[int, ...]:
+        if isinstance(stored, Blockwise8BitArray):
+            return stored.shape
+        return CastStorage().shape(stored)
+
+
+def state_bytes(state: PyTree) -> int:
+    """The number of bytes of all arrays in `state` (e.g. an optimizer state)."""
+    return sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if eqx.is_array(x)
+    )
