@@ -10,7 +10,7 @@ from jaxtyping import PyTree
 
 from ._ademamix import AdEMAMix, ScaleByAdemamix, ScaleByAdemamixState
 from ._storage import mix_seed
-from ._tree import _is_none
+from ._tree import _is_none, compute_dtype
 
 
 def _is_state(x: Any) -> bool:
@@ -122,8 +122,8 @@ def state_from_adam(
         if stored is None:
             return None
         value = jnp.asarray(value)
-        wide = jnp.promote_types(value.dtype, jnp.float32)
-        return storage.write(stored, value.astype(wide), mix_seed(count, i, salt, 7))
+        value = value.astype(compute_dtype(value.dtype))
+        return storage.write(stored, value, mix_seed(count, i, salt, 7))
 
     def fill(name: str, source: PyTree, salt: int) -> PyTree:
         stored = nu_def.flatten_up_to(getattr(template, name))
