@@ -107,7 +107,7 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
     Arithmetic happens in at least float32; moments keep their dtype (16-bit
     moments are written with stochastic rounding).
 
-    Reference: Morwani, Vyas, Kakade, Shah, *Connections between Schedule-Free
+    Reference: Morwani, Vyas, Zhang, Kakade, *Connections between Schedule-Free
     Optimizers, AdEMAMix, and Accelerated SGD Variants*, 2025,
     [arXiv:2502.02431](https://arxiv.org/abs/2502.02431).
     """
@@ -344,7 +344,7 @@ class SimplifiedAdEMAMix(AbstractGradientTransformation):
         params = eqx.apply_updates(params, updates)
         ```
 
-    Reference: Morwani, Vyas, Kakade, Shah, *Connections between Schedule-Free
+    Reference: Morwani, Vyas, Zhang, Kakade, *Connections between Schedule-Free
     Optimizers, AdEMAMix, and Accelerated SGD Variants*, 2025,
     [arXiv:2502.02431](https://arxiv.org/abs/2502.02431).
     """

@@ -143,7 +143,7 @@ def plot(paths: dict[str, np.ndarray], tol: float, path: pathlib.Path) -> None:
     ax2.set_title("distance to the optimum")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

@@ -107,3 +107,12 @@ def test_docstring_code_runs(name, doc):
 
     namespace = {"eam": eam, "eqx": eqx, "jax": jax, "jnp": jnp}
     run_blocks(blocks, name, namespace)
+
+
+def test_every_public_name_is_in_the_api_reference():
+    documented = set()
+    for page in (ROOT / "docs" / "api").glob("*.md"):
+        text = page.read_text()
+        documented |= set(re.findall(r"^::: eqx_ademamix\.(\w+)", text, re.M))
+    missing = sorted(set(eam.__all__) - documented)
+    assert not missing, f"add `::: eqx_ademamix.X` lines to docs/api/ for {missing}"
