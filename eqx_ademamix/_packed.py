@@ -135,9 +135,11 @@ class PackedLayout:
 
 
 class PackedBuffers(eqx.Module):
-    """The buffers of a packed tree: one flat buffer per dtype for the small leaves
-(keys like `"float32"`), and each large leaf as it is (keys like `"leaf000007"`,
-after its position in the tree), with the layout they were packed with.
+    """The buffers of a packed tree, with the layout they were packed with.
+
+    One flat buffer per dtype for the small leaves (keys like `"float32"`), and
+    each large leaf as it is (keys like `"leaf000007"`, after its position in the
+    tree).
 
     This is what the moments `m1`, `m2`, `nu` of a packed
     [`eqx_ademamix.ScaleByAdemamixState`][] are. The layout is static, so it is part
