@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 
 import pytest
@@ -167,7 +168,8 @@ def _worker():  # noqa: C901 - one script, many small checks
         for mesh in (auto, explicit):
             with jax.set_mesh(mesh):
                 params = shard(params0, mesh, specs)
-                for name, opt in optimizers.items():
+                for name in ("float32", "bfloat16"):
+                    opt = optimizers[name]
                     state = opt.init(params)
                     step = jax.jit(lambda g, s, p: opt.update(g, s, p))
                     compiled = step.lower(params, state, params).compile()
@@ -404,6 +406,7 @@ def _worker():  # noqa: C901 - one script, many small checks
 
     results = {}
     for name in CHECKS:
+        t0 = time.perf_counter()
         fn = locals()[name]
         try:
             detail = fn()
@@ -413,7 +416,8 @@ def _worker():  # noqa: C901 - one script, many small checks
             results[name] = (True, detail or "")
         except Exception:
             results[name] = (False, traceback.format_exc()[-3000:])
-        print(name, results[name][0], results[name][1][:200], file=sys.stderr)
+        seconds = f"{time.perf_counter() - t0:.1f}s"
+        print(name, results[name][0], seconds, file=sys.stderr)
     print("RESULTS " + json.dumps(results))
 
 
