@@ -113,9 +113,10 @@ def test_float32_close_to_float64_reference(getkey):
     np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-@pytest.mark.parametrize("b1,b2,alpha", [(0.99, 0.95, 0.0), (0.9, 0.999, 4.0)])
-def test_matches_optax_contrib(getkey, weight_decay, b1, b2, alpha):
+@pytest.mark.parametrize(
+    "b1,b2,alpha,weight_decay", [(0.99, 0.95, 0.0, 0.0), (0.9, 0.999, 4.0, 0.05)]
+)
+def test_matches_optax_contrib(getkey, b1, b2, alpha, weight_decay):
     """With constant hyperparameters and float32 state the optax function agrees
     with optax.contrib.simplified_ademamix over 150 steps, to float32 round-off."""
     params = {"w": jr.normal(getkey(), (8, 5)), "b": jr.normal(getkey(), (5,))}
@@ -160,7 +161,7 @@ def test_module_and_optax_api_agree(getkey):
     opt = eam.SimplifiedAdEMAMix(1e-3, b1=b1, alpha=2.0, weight_decay=0.01)
     tx = eam.simplified_ademamix(1e-3, b1=b1, alpha=2.0, weight_decay=0.01)
     s1, s2 = opt.init(params), tx.init(params)
-    for _ in range(10):
+    for _ in range(4):
         g = jax.tree.map(lambda x: jr.normal(getkey(), x.shape), params)
         u1, s1 = opt.update(g, s1, params)
         u2, s2 = tx.update(g, s2, params)
