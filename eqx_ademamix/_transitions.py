@@ -112,6 +112,11 @@ def state_from_adam(
             "`optimizer` must be an eqx_ademamix.AdEMAMix or ScaleByAdemamix, got "
             f"{optimizer!r:.80}."
         )
+    if getattr(scale, "packed", False):
+        raise ValueError(
+            "state_from_adam builds the per-parameter state layout; construct the "
+            "optimizer with packed=False."
+        )
     # Adam's nu has the parameters' structure, shapes and dtypes.
     template = scale.init(adam.nu)
     count = jnp.asarray(adam.count).astype(jnp.int32)

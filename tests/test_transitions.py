@@ -145,6 +145,8 @@ def test_state_from_adam_finds_the_adam_state():
         eam.state_from_adam(_ademamix(), two)
     with pytest.raises(ValueError, match="found 0"):
         eam.state_from_adam(_ademamix(), optax.sgd(1e-3).init(params))
+    with pytest.raises(ValueError, match="packed=False"):
+        eam.state_from_adam(eam.AdEMAMix(packed=True), optax.adam(1e-3).init(params))
 
 
 def test_switch_from_adam_continues_algorithm_1_float64():
