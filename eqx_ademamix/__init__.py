@@ -18,6 +18,7 @@ from ._faults import (
     SkipNonFiniteState as SkipNonFiniteState,
 )
 from ._optax import ademamix as ademamix, scale_by_ademamix as scale_by_ademamix
+from ._packed import PackedBuffers as PackedBuffers, PackedLayout as PackedLayout
 from ._quantize import (
     Blockwise8Bit as Blockwise8Bit,
     Blockwise8BitArray as Blockwise8BitArray,
@@ -66,6 +67,8 @@ __all__ = [
     "Blockwise8Bit",
     "Blockwise8BitArray",
     "CastStorage",
+    "PackedBuffers",
+    "PackedLayout",
     "ScaleByAdemamix",
     "ScaleByAdemamixState",
     "ScaleBySimplifiedAdemamix",
