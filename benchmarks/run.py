@@ -927,8 +927,8 @@ def main(argv=None) -> int:
     # temporary directory unless a path is given.
     where = tempfile.gettempdir() if quick else HERE
     out = args.out or os.path.join(where, "RESULTS-quick.md" if quick else "RESULTS.md")
-    fig = args.plot or os.path.join(where, "results-quick.png" if quick else "results.png")
-        HERE, "results-quick.png" if quick else "results.png"
+    fig = args.plot or os.path.join(
+        where, "results-quick.png" if quick else "results.png"
     )
     rng = random.Random(args.seed)
     command = " ".join(
