@@ -48,24 +48,14 @@ def _magnitude_bits(signed: bool) -> int:
     return 7 if signed else 8
 
 
-def _tenth_powers(
-    e: Int[Array, "*shape"], n: int, dtype: Any
+def _select(
+    index: Int[Array, "*shape"], values: list[float], dtype: Any
 ) -> Float[Array, "*shape"]:
-    """`10.0**-e` rounded to `dtype`, for integers `0 <= e <= n`: a chain of selects
-    between exact constants (no table lookup, so it shards like `e`)."""
-    out = jnp.ones(e.shape, dtype)
-    for i in range(1, n + 1):
-        out = jnp.where(e == i, jnp.asarray(10.0**-i, dtype), out)
-    return out
-
-
-def _powers_of_ten(
-    e: Int[Array, "*shape"], n: int, dtype: Any
-) -> Float[Array, "*shape"]:
-    """`10.0**e` rounded to `dtype`, for integers `0 <= e <= n`."""
-    out = jnp.ones(e.shape, dtype)
-    for i in range(1, n + 1):
-        out = jnp.where(e == i, jnp.asarray(10.0**i, dtype), out)
+    """`values[index]` for a short list of constants, as a chain of selects (no
+    table lookup: elementwise, so it fuses and shards like `index`)."""
+    out = jnp.full(index.shape, values[0], dtype)
+    for i, v in enumerate(values[1:], start=1):
+        out = jnp.where(index == i, jnp.asarray(v, dtype), out)
     return out
 
 
@@ -76,15 +66,19 @@ def decode_magnitude(
 
     With the leading one of `c` at bit `j` (so `E = bits - 1 - j` zeros before it
     and `F = j` fraction bits `k = c - 2**j` after it), the magnitude is
-    `10**-E * (0.1 + 0.9 * (k + 1) / 2**j) = (2**j + 9 (k + 1)) / 2**j * 10**-(E+1)`.
-    The first factor is exact in floating point, so the result is one correctly
-    rounded product on every backend; `c = 0` is 0. Arithmetic rather than a table
-    lookup: it is as fast on CPU and needs no gather, which sharded arrays (e.g.
-    under explicit sharding) do not support everywhere."""
+    `10**-E * (0.1 + 0.9 * (k + 1) / 2**j) = (2**j + 9 (k + 1)) * 2**-j * 10**-(E+1)`:
+    an integer times one constant per `j` (a power of two times `10**-(E+1)` rounded
+    to `dtype`), so one correctly rounded product on every backend; `c = 0` is 0.
+    Arithmetic rather than a table lookup: it is as fast on CPU, fuses with its
+    neighbours, and needs no gather, which sharded arrays (e.g. under explicit
+    sharding) do not support everywhere."""
     j = 31 - lax.clz(jnp.maximum(c, 1))
     power = jnp.left_shift(jnp.ones_like(c), j)
     numerator = (power + 9 * (c - power + 1)).astype(dtype)
-    value = numerator / power.astype(dtype) * _tenth_powers(bits - j, bits, dtype)
+    factors = [
+        float(np.ldexp(np.asarray(10.0 ** -(bits - i), dtype), -i)) for i in range(bits)
+    ]
+    value = numerator * _select(j, factors, dtype)
     return jnp.where(c > 0, value, jnp.zeros((), dtype))
 
 
@@ -122,12 +116,11 @@ def code_book(signed: bool) -> np.ndarray:
 def _lower_code_direct(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*shape"]:
     """The largest magnitude code `c` with `magnitude(c) <= m`, for `m` in [0, 1], in
     O(1) per element: the decimal exponent from `bits` comparisons, the linear
-    fraction by inverting its formula.
+    fraction by inverting its formula; no division, no table lookup.
 
     Round-off in the inversion can move the result by one code when `m` lies
-    within about 1e-5 of a code step of a code's value; the caller clips the
-    interpolation weight to [0, 1], so such an `m` is stored as that (almost equal)
-    code either way."""
+    within about 1e-5 of a code step of a code's value; the caller's rounding then
+    picks that (almost equal) code either way."""
     dtype = m.dtype
     top = 2**bits - 1
     # Level E holds (10**-(E+1), 10**-E]; E == bits means below every non-zero code.
@@ -142,8 +135,8 @@ def _lower_code_direct(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*sha
     j = jnp.clip(bits - 1 - exponent, 0, bits - 1)
     power = jnp.left_shift(jnp.ones(m.shape, jnp.int32), j)
     # m = 10**-E * (0.1 + 0.9 * pos / 2**j): the value of fraction k is at pos = k+1.
-    scaled = m * _powers_of_ten(exponent, bits, dtype)
-    pos = (scaled - jnp.asarray(0.1, dtype)) / jnp.asarray(0.9, dtype)
+    scaled = m * _select(exponent, [10.0**i for i in range(bits + 1)], dtype)
+    pos = (scaled - jnp.asarray(0.1, dtype)) * jnp.asarray(1 / 0.9, dtype)
     k = jnp.floor(pos * power.astype(dtype)).astype(jnp.int32) - 1
     code = jnp.where(exponent >= bits, 0, power + k)
     return jnp.clip(code, 0, top)
@@ -198,28 +191,30 @@ def quantize_blocks(
     dtype = blocks.dtype
     n_bits = _magnitude_bits(signed)
     top = 2**n_bits - 1
-    finite = jnp.all(jnp.isfinite(blocks), axis=1)
-    if not signed:
-        blocks = jnp.maximum(blocks, jnp.zeros((), dtype))
+    # One reduction that also flags non-finite blocks: NaN (whose propagation
+    # through a maximum differs between backends) and inf both enter it as inf.
     magnitude = jnp.abs(blocks)
-    absmax = jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0), axis=1)
-    absmax32 = absmax.astype(jnp.float32)
+    flagged = jnp.where(jnp.isfinite(blocks), magnitude, jnp.asarray(jnp.inf, dtype))
+    absmax = jnp.max(flagged, axis=1)
+    finite = jnp.isfinite(absmax)
+    absmax32 = jnp.where(finite, absmax, 0).astype(jnp.float32)
     # Divide by the float32 absmax that is stored, so reading back is consistent.
-    m = jnp.clip(_divide(magnitude, absmax32.astype(dtype)), 0, 1)
-    m = jnp.where(jnp.isfinite(m), m, 0)
+    m = jnp.minimum(_divide(magnitude, absmax32.astype(dtype)), 1)
+    if not signed:
+        m = jnp.where(blocks > 0, m, 0)
     find = _lower_code_search if search else _lower_code_direct
     low = find(m, n_bits)
     high = jnp.minimum(low + 1, top)
     below = decode_magnitude(low, n_bits, dtype)
-    above = decode_magnitude(high, n_bits, dtype)
-    gap = above - below
-    frac = jnp.where(gap > 0, (m - below) / jnp.where(gap > 0, gap, 1), 0)
-    frac = jnp.clip(frac, 0, 1)
+    gap = decode_magnitude(high, n_bits, dtype) - below
+    # Round up with probability (m - below) / gap (stochastic), or past half a gap
+    # (nearest); written without a division. If the inversion was one code off,
+    # m - below is ~0 or ~gap and the right neighbour is still chosen.
     if bits is None:
-        up = frac > 0.5
+        up = 2 * (m - below) > gap
     else:
         uniform = (bits >> 8).astype(dtype) * jnp.asarray(2.0**-24, dtype)
-        up = uniform < frac
+        up = uniform * gap < m - below
     code = jnp.where(up, high, low)
     if not signed:
         # A second moment is a denominator: a positive value stored as 0 would turn
