@@ -443,8 +443,14 @@ def summarise(runs: list[Run], names: list[str], seeds: list[int], total: int) -
                 / total
                 for s in seeds
             ]
-            entry["fraction_of_adamw_steps_per_seed"] = fractions
-            entry["fraction_of_adamw_steps_mean"] = float(np.mean(fractions))
+            # None: AdamW's final loss not reached within the run (JSON has no inf).
+            entry["fraction_of_adamw_steps_per_seed"] = [
+                f if math.isfinite(f) else None for f in fractions
+            ]
+            reached = all(map(math.isfinite, fractions))
+            entry["fraction_of_adamw_steps_mean"] = (
+                float(np.mean(fractions)) if reached else None
+            )
         summary[name] = entry
     return summary
 
@@ -524,10 +530,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
         if "fraction_of_adamw_steps_mean" in s:
             fr = s["fraction_of_adamw_steps_per_seed"]
+            mean = s["fraction_of_adamw_steps_mean"]
             line += (
-                f"; reaches AdamW's final val loss after "
-                f"{s['fraction_of_adamw_steps_mean']:.2f} of AdamW's steps "
-                f"(per seed: {', '.join(f'{f:.2f}' for f in fr)})"
+                "; reaches AdamW's final val loss after "
+                + ("(not in every seed)" if mean is None else f"{mean:.2f}")
+                + " of AdamW's steps (per seed: "
+                + ", ".join("never" if f is None else f"{f:.2f}" for f in fr)
+                + ")"
             )
         print(line)
     result = {
