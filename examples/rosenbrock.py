@@ -54,7 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="report the first step within this distance of (1, 1)",
     )
     parser.add_argument(
-        "--out-dir", type=pathlib.Path, default=pathlib.Path("rosenbrock_out")
+        "--out-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("rosenbrock_out"),
+        help="where the JSON and the PNG go",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
