@@ -390,12 +390,9 @@ def bench_workload(
     params_np = grads_np = None
     results = {impl.name: Timing() for impl in impls}
     jitted = {}
-
-    def fresh_carry(impl):
-        if isinstance(impl, TorchImpl):
-            return torch_setup(impl, params_np, grads_np)
-        p = jax.tree.map(lambda x: x.copy(), params)
-        return None, (p, impl.init(p))
+    # Each torch optimizer is made once and kept across rounds: torch.compile
+    # caches on the optimizer object, and a new one per round would recompile.
+    torch_steps = {}
 
     for r in range(rounds):
         order = list(impls)
@@ -406,16 +403,17 @@ def bench_workload(
                 continue
             if isinstance(impl, TorchImpl):
                 if params_np is None:
-                    leaves = jax.tree.leaves(params)
-                    params_np = [np.asarray(x) for x in leaves]
-                    grads_np = [np.asarray(x) for x in jax.tree.leaves(grads)]
+                    params_np = [np.array(x) for x in jax.tree.leaves(params)]
+                    grads_np = [np.array(x) for x in jax.tree.leaves(grads)]
                 try:
-                    torch_step, opt = fresh_carry(impl)
-                    if res.first_call is None:
+                    if impl.name not in torch_steps:
+                        torch_step, opt = torch_setup(impl, params_np, grads_np)
                         t0 = time.perf_counter()
                         torch_step()
                         res.first_call = time.perf_counter() - t0
                         res.state_bytes = torch_state_bytes(opt)
+                        torch_steps[impl.name] = torch_step
+                    torch_step = torch_steps[impl.name]
                     for _ in range(warmup):
                         torch_step()
                     samples = []
@@ -426,10 +424,11 @@ def bench_workload(
                         samples.append((time.perf_counter() - t0) / batch)
                 except Exception as e:  # a peer that fails is reported, not fatal
                     res.skipped = f"{type(e).__name__}: {str(e)[:200]}"
+                    torch_steps.pop(impl.name, None)
                     continue
-                del torch_step, opt
             else:
-                _, (p, s) = fresh_carry(impl)
+                p = jax.tree.map(lambda x: x.copy(), params)
+                s = impl.init(p)
                 if impl.name not in jitted:
                     jitted[impl.name] = impl.jit()
                     res.state_bytes = state_nbytes(s)
@@ -449,6 +448,8 @@ def bench_workload(
             gc.collect()
             progress.update(1)
             progress.set_postfix_str(f"{label}: {impl.name[:30]}")
+    torch_steps.clear()
+    gc.collect()
     return results
 
 
@@ -922,7 +923,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     quick = args.quick
-    rounds = args.rounds or (1 if quick else 7)
+    rounds = args.rounds or (1 if quick else 5)
     # --quick is a smoke test: its numbers are not results, so they go to a
     # temporary directory unless a path is given.
     where = tempfile.gettempdir() if quick else HERE
@@ -957,10 +958,10 @@ def main(argv=None) -> int:
     # steps per round, steps per timed batch, warm-up steps
     plan = {
         "large": (5, 1, 2) if not quick else (1, 1, 1),
-        "transformer": (5, 1, 2) if not quick else (1, 1, 1),
+        "transformer": (3, 1, 1) if not quick else (1, 1, 1),
         "tiny": (5, 50, 1) if not quick else (1, 5, 1),
     }
-    sizes = [16, 64, 256, 1024, 4096, 16384, 65536] if not quick else [16]
+    sizes = [16, 256, 4096, 65536] if not quick else [16]
     cross_leaves = 300 if not quick else 30
     compile_repeats = 3 if not quick else 1
     memory_cases = MEMORY_CASES if not torch_reason else MEMORY_CASES[:-1]
@@ -968,7 +969,9 @@ def main(argv=None) -> int:
         memory_cases = ["eqx_ademamix (donated)"]
 
     def impls_for(w):
-        torch_ = [] if torch_reason else torch_impls(use_compile and w != "transformer")
+        # torch.compile of the optimizer step only where it compiles in reasonable
+        # time: on the few large leaves (minutes on hundreds of leaves here).
+        torch_ = [] if torch_reason else torch_impls(use_compile and w == "large")
         return jax_impls(QUICK_IMPLS if quick else None) + (
             torch_[:1] if quick else torch_
         )
