@@ -68,6 +68,10 @@ def _render(entry: dict | None) -> str:
     return "None"
 
 
+def _is_prefix(path: str, paths: dict) -> bool:
+    return any(p.startswith(path) and p[len(path)] in ".[" for p in paths if p != path)
+
+
 def _differences(saved: list[dict], target: list[dict]) -> list[str]:
     saved_by_path = {e["path"]: e for e in saved}
     target_by_path = {e["path"]: e for e in target}
@@ -94,6 +98,10 @@ def _differences(saved: list[dict], target: list[dict]) -> list[str]:
                     f"{path}: dtype {s['dtype']} in the checkpoint, {t['dtype']} in "
                     f"the target{hint}"
                 )
+        elif (s or t)["kind"] == "none" and _is_prefix(
+            path, target_by_path if s is not None else saved_by_path
+        ):
+            continue  # a None subtree on one side: its leaves are listed already
         elif s is not None:
             lines.append(
                 f"{path}: the checkpoint has {_render(s)}, the target has no such "
