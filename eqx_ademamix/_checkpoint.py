@@ -34,6 +34,42 @@ def _is_array(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
+def _is_key(x: Any) -> bool:
+    return _is_array(x) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype) if _is_key(x) else jnp.dtype(x.dtype).name
+
+
+def _as_data(tree: PyTree) -> PyTree:
+    """Typed PRNG keys replaced by their raw uint32 data (what gets written)."""
+
+    def data(x: Any) -> Any:
+        if not _is_key(x):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.eval_shape(jax.random.key_data, x)
+        return jax.random.key_data(x)
+
+    return jax.tree.map(data, tree)
+
+
+def _from_data(tree: PyTree, like: PyTree) -> PyTree:
+    """Undo `_as_data`: wrap raw key data back into keys of `like`'s kind."""
+
+    def wrap(x: Any, target: Any) -> Any:
+        if not _is_key(target):
+            return x
+        if isinstance(target, jax.ShapeDtypeStruct):
+            impl = target.dtype._impl  # the key implementation of the key dtype
+        else:
+            impl = jax.random.key_impl(target)
+        return jax.random.wrap_key_data(x, impl=impl)
+
+    return jax.tree.map(wrap, tree, like)
+
+
 def _describe(tree: PyTree) -> list[dict]:
     """One entry per leaf: its path and, for arrays, shape and dtype."""
     out = []
@@ -44,7 +80,7 @@ def _describe(tree: PyTree) -> list[dict]:
         elif _is_array(leaf):
             entry["kind"] = "array"
             entry["shape"] = [int(n) for n in leaf.shape]
-            entry["dtype"] = jnp.dtype(leaf.dtype).name
+            entry["dtype"] = _dtype_name(leaf)
         else:
             entry["kind"] = "static"
             entry["type"] = type(leaf).__name__
@@ -176,7 +212,7 @@ def save_leaves(path: str | os.PathLike, tree: PyTree) -> None:
         with open(tmp, "wb") as f:
             f.write(_MAGIC)
             f.write(header.encode() + b"\n")
-            eqx.tree_serialise_leaves(f, eqx.filter(tree, eqx.is_array))
+            eqx.tree_serialise_leaves(f, eqx.filter(_as_data(tree), eqx.is_array))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -224,8 +260,9 @@ def load_leaves(path: str | os.PathLike, like: PyTree) -> PyTree:
         header = json.loads(f.readline())
         _check(header["leaves"], like, str(path))
         arrays, static = eqx.partition(like, _is_array)
-        loaded = eqx.tree_deserialise_leaves(f, arrays)
-    placed = jax.tree.map(_place, loaded, arrays)
+        data = _as_data(arrays)
+        loaded = eqx.tree_deserialise_leaves(f, data)
+    placed = _from_data(jax.tree.map(_place, loaded, data), arrays)
     return eqx.combine(placed, static)
 
 
@@ -286,7 +323,7 @@ def save_checkpoint(
         manager.save(
             int(step),
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(_flat_arrays(tree)),
+                arrays=ocp.args.StandardSave(_flat_arrays(_as_data(tree))),
                 spec=ocp.args.JsonSave(spec),
             ),
         )
@@ -348,7 +385,9 @@ def restore_checkpoint(
                 sharding = default
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-        targets = _flat_arrays(like)
+        arrays, static = eqx.partition(like, _is_array)
+        data = _as_data(arrays)
+        targets = _flat_arrays(data)
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -358,4 +397,5 @@ def restore_checkpoint(
             ),
         )["arrays"]
     values = iter([_place(restored[k], targets[k]) for k in targets])
-    return jax.tree.map(lambda x: next(values) if _is_array(x) else x, like)
+    placed = jax.tree.map(lambda x: next(values), data)
+    return eqx.combine(_from_data(placed, arrays), static)

@@ -296,3 +296,21 @@ def test_kill_during_save_keeps_a_usable_checkpoint(tmp_path, fmt):
     assert _consistent_version(restored) in (2, 3)
     if fmt == "orbax":
         assert eam.latest_step(where) in (2, 3)
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "equinox"])
+def test_prng_keys_round_trip(tmp_path, fmt):
+    """A training loop's key is part of what must be restored."""
+    tree = {"key": jr.split(jr.key(7))[1], "old": jax.random.PRNGKey(3)}
+    where = _where(fmt, tmp_path)
+    _save(fmt, where, tree)
+    like = {"key": jr.key(0), "old": jax.random.PRNGKey(0)}
+    for target in (like, eqx.filter_eval_shape(lambda: like)):
+        restored = _load(fmt, where, target)
+        assert restored["key"].dtype == tree["key"].dtype
+        np.testing.assert_array_equal(
+            jr.key_data(restored["key"]), jr.key_data(tree["key"])
+        )
+        np.testing.assert_array_equal(restored["old"], tree["old"])
+    with pytest.raises(ValueError, match="key<rbg> in the target"):
+        _load(fmt, where, {"key": jr.key(0, impl="rbg"), "old": like["old"]})
