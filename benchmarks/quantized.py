@@ -67,7 +67,7 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--sections",
-        nargs="+",
+        nargs="*",
         choices=SECTIONS,
         default=list(SECTIONS),
         help="sections to run; the others are taken from the JSON file of an earlier "
@@ -158,8 +158,8 @@ def bench_workload(args, progress) -> dict:
     fns = {}
     for name, tx in txs.items():
 
-        def step(p, s, tx=tx):
-            u, s = tx.update(grads, s, p)
+        def step(p, s, g, tx=tx):  # gradients an argument, not a constant
+            u, s = tx.update(g, s, p)
             return eqx.apply_updates(p, u), s
 
         jitted = jax.jit(step, donate_argnums=(0, 1))
@@ -173,9 +173,9 @@ def bench_workload(args, progress) -> dict:
             x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
         )
         t0 = time.perf_counter()
-        block(jitted(*make()))
+        block(jitted(*make(), grads))
         result["first_call"][name] = time.perf_counter() - t0
-        fns[name] = (make, lambda c, f=jitted: f(*c))
+        fns[name] = (make, lambda c, f=jitted: f(*c, grads))
     result["rounds"] = interleaved(fns, args.rounds, args.steps, progress)
     return result
 
@@ -194,11 +194,12 @@ def bench_quantizer(args, progress) -> dict:
     x = jax.random.normal(jax.random.key(0), (rows, 256))
     codes, absmax = quantize_blocks(x, True, None)
 
-    # Every function returns its full outputs (nothing for the compiler to drop)
-    # and a counter that changes the input at every call.
+    # Every function takes its data as arguments (no constants for the compiler to
+    # fold), returns its full outputs (nothing to drop), and a counter that changes
+    # the input at every call.
     def q(search, stochastic):
         @jax.jit
-        def f(t):
+        def f(t, x, codes, absmax):
             bits = hash_bits(x.shape, mix_seed(t)) if stochastic else None
             y = x + t.astype(jnp.float32)
             return t + 1, quantize_blocks(y, True, bits, search=search)
@@ -206,11 +207,11 @@ def bench_quantizer(args, progress) -> dict:
         return f
 
     @jax.jit
-    def read(t):
+    def read(t, x, codes, absmax):
         return t + 1, dequantize_blocks(codes, absmax + t.astype(jnp.float32), True)
 
     @jax.jit
-    def f32_ema(t):
+    def f32_ema(t, x, codes, absmax):
         # the float32 floor: read, one EMA, write, for the same number of elements
         return t + 1, 0.9 * x + 0.1 * t.astype(jnp.float32)
 
@@ -223,7 +224,10 @@ def bench_quantizer(args, progress) -> dict:
         "float32 EMA (reference)": f32_ema,
     }
     fns = {
-        k: (lambda: (jnp.zeros((), jnp.uint32), None), lambda c, f=f: f(c[0]))
+        k: (
+            lambda: (jnp.zeros((), jnp.uint32), None),
+            lambda c, f=f: f(c[0], x, codes, absmax),
+        )
         for k, f in fns.items()
     }
     rounds = interleaved(fns, args.rounds, max(args.steps, 3), progress)
@@ -405,38 +409,37 @@ def plot_quickstart(res: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    window = 10
+    kernel = np.ones(window) / window
+
+    def smooth(label):
+        curves = [res["runs"][f"{label} seed {s}"]["curve"] for s in res["seeds"]]
+        return np.array([np.convolve(c, kernel, mode="valid") for c in curves])
+
+    f32, q8 = smooth("float32"), smooth("8-bit")
+    steps = np.arange(window, f32.shape[1] + window)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, color in (("float32", "C0"), ("8-bit", "C3")):
-        curves = np.array(
-            [res["runs"][f"{label} seed {s}"]["curve"] for s in res["seeds"]]
+    for curves, label, style in ((f32, "float32", "-"), (q8, "8-bit", "--")):
+        color = "C0" if label == "float32" else "C3"
+        axes[0].plot(
+            steps, curves.mean(0), style, color=color, label=f"AdEMAMix, {label} state"
         )
-        window = 10
-        kernel = np.ones(window) / window
-        smooth = np.array([np.convolve(c, kernel, mode="valid") for c in curves])
-        steps = np.arange(window, curves.shape[1] + 1)
-        for ax in axes:
-            ax.plot(
-                steps, smooth.mean(0), color=color, label=f"AdEMAMix, {label} state"
-            )
-            ax.fill_between(
-                steps, smooth.min(0), smooth.max(0), color=color, alpha=0.2, lw=0
-            )
+        axes[0].fill_between(
+            steps, curves.min(0), curves.max(0), color=color, alpha=0.15, lw=0
+        )
     axes[0].set_yscale("log")
-    axes[0].set_title(f"minibatch loss (mean, range over seeds {res['seeds']})")
-    half = len(steps) // 2
-    axes[1].set_xlim(steps[half], steps[-1])
-    tail = [
-        v
-        for r in res["runs"].values()
-        for v in np.convolve(r["curve"], kernel, mode="valid")[half:]
-    ]
-    axes[1].set_ylim(min(tail) * 0.9, max(tail) * 1.1)
-    axes[1].set_title("second half")
+    axes[0].set_ylabel("training loss (10-step mean)")
+    axes[0].set_title(f"mean and range over seeds {res['seeds']}")
+    axes[0].legend()
+    for i, seed in enumerate(res["seeds"]):
+        axes[1].plot(steps, q8[i] / f32[i] - 1, lw=1, label=f"seed {seed}")
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_ylabel("8-bit / float32 - 1 (10-step mean loss)")
+    axes[1].set_title("relative difference, same seed and batches")
+    axes[1].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (10-step mean)")
         ax.grid(alpha=0.3)
-        ax.legend()
     fig.suptitle("examples/quickstart.py task: float32 vs blockwise 8-bit state")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -509,9 +512,6 @@ def environment() -> list[str]:
 
 
 def report(args, res: dict) -> str:
-    w = res["workload"]
-    n = w["n_params"]
-    f32 = w["bytes"]["eqx_ademamix f32"]
     lines = [
         "# Blockwise 8-bit AdEMAMix state: results",
         "",
@@ -528,6 +528,27 @@ def report(args, res: dict) -> str:
         "",
         *environment(),
         "",
+    ]
+    for name, render in (
+        ("workload", report_workload),
+        ("quantizer", report_quantizer),
+        ("m1", report_m1),
+        ("quickstart", report_quickstart),
+        ("char_lm", report_char_lm),
+    ):
+        lines += [""]
+        if name in res:
+            lines += render(args, res)
+        else:
+            lines += [f"## {name}", "", "Not run yet."]
+    return "\n".join(lines) + "\n"
+
+
+def report_workload(args, res: dict) -> list[str]:
+    w = res["workload"]
+    n = w["n_params"]
+    f32 = w["bytes"]["eqx_ademamix f32"]
+    lines = [
         f"## Memory: state bytes per parameter ({n / 1e6:.1f}M parameters, 8 leaves)",
         "",
         "| state | bytes | bytes / parameter | vs float32 |",
@@ -552,11 +573,14 @@ def report(args, res: dict) -> str:
             f"| {name} | {statistics.median(rounds):.4f} | "
             f"{ratio(w['rounds'], name, base):.2f}x | {w['first_call'][name]:.1f} |"
         )
+    return lines
+
+
+def report_quantizer(args, res: dict) -> list[str]:
     q = res["quantizer"]
     e = q["elements"]
     ref = "float32 EMA (reference)"
-    lines += [
-        "",
+    lines = [
         f"## The quantizer alone ({e / 1e6:.1f}M elements, one moment)",
         "",
         "| operation | ns / element | vs float32 EMA |",
@@ -576,6 +600,12 @@ def report(args, res: dict) -> str:
         f"{ratio(r, 'quantize, O(1) inversion, stochastic', 'quantize, O(1) inversion, nearest'):.2f}x "  # noqa: E501
         "the time.",
         "",
+    ]
+    return lines
+
+
+def report_m1(args, res: dict) -> list[str]:
+    lines = [
         "## Does m1 need stochastic rounding?",
         "",
         "m1's EMA (b1 = 0.9) in 8 bits against the same EMA in float32 on the same "
@@ -588,8 +618,12 @@ def report(args, res: dict) -> str:
     ]
     for name, v in res["m1"].items():
         lines.append(f"| {name} | {v['mean_ratio']:.3f} | {v['relative_error']:.3f} |")
+    return lines
+
+
+def report_quickstart(args, res: dict) -> list[str]:
     qs = res["quickstart"]
-    lines += ["", "## Quality: `examples/quickstart.py`", ""]
+    lines = ["## Quality: `examples/quickstart.py`", ""]
     if qs.get("missing"):
         lines.append("`examples/quickstart.py` does not exist.")
     else:
@@ -628,8 +662,12 @@ def report(args, res: dict) -> str:
             "",
             f"![quickstart curves]({'quickstart-8bit-quick.png' if args.quick else 'quickstart-8bit.png'})",  # noqa: E501
         ]
+    return lines
+
+
+def report_char_lm(args, res: dict) -> list[str]:
     lm = res["char_lm"]
-    lines += ["", "## Quality: `examples/char_lm.py`", ""]
+    lines = ["## Quality: `examples/char_lm.py`", ""]
     if lm.get("missing"):
         lines.append("`examples/char_lm.py` does not exist yet: not run.")
     elif lm.get("skipped"):
@@ -660,7 +698,7 @@ def report(args, res: dict) -> str:
             "",
             f"![char-LM curves]({'char_lm-8bit-quick.png' if args.quick else 'char_lm-8bit.png'})",  # noqa: E501
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -668,11 +706,8 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     json_path = args.out.with_suffix(".json")
-    res = json.loads(json_path.read_text()) if json_path.exists() else {}
     run = set(args.sections)
-    missing = [name for name in SECTIONS if name not in run and name not in res]
-    if missing:
-        raise SystemExit(f"no earlier results for {missing} in {json_path}: run them")
+    res = {}
     total = (
         4 * args.rounds * ("workload" in run)
         + 6 * args.rounds * ("quantizer" in run)
@@ -688,18 +723,21 @@ def main(argv=None) -> dict:
         ):
             if name in run:
                 res[name] = fn(args, progress)
-    if "quickstart" in run and not res["quickstart"].get("missing"):
-        png = "quickstart-8bit-quick.png" if args.quick else "quickstart-8bit.png"
-        plot_quickstart(res["quickstart"], HERE / png)
     if "char_lm" in run:
         res["char_lm"] = bench_char_lm(args)
-    res.setdefault("commands", {})
     command = "python benchmarks/quantized.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    for name in run:
-        res["commands"][name] = command.strip()
+    # Merge into the results of earlier runs (read now, not at the start: another
+    # invocation may have written other sections meanwhile).
+    merged = json.loads(json_path.read_text()) if json_path.exists() else {}
+    merged.update(res)
+    merged.setdefault("commands", {}).update({name: command.strip() for name in run})
+    res = merged
     json_path.write_text(json.dumps(res, indent=1, default=str))
+    if "quickstart" in res and not res["quickstart"].get("missing"):
+        png = "quickstart-8bit-quick.png" if args.quick else "quickstart-8bit.png"
+        plot_quickstart(res["quickstart"], HERE / png)
     text = report(args, res)
     args.out.write_text(text)
     print(text)

@@ -321,7 +321,15 @@ class Blockwise8Bit(AbstractMomentStorage):
     Non-finite values: a block written a NaN or an infinity stores absmax NaN, so the
     whole block reads back as NaN (the same failure as float32 state, widened to
     the block) instead of as finite numbers that hide it. Finite inputs never
-    produce a NaN: a block of zeros stores absmax 0.
+    produce a NaN: a block of zeros stores absmax 0. A positive second moment never
+    rounds to 0 (its step would be `m / eps`): below the smallest code it rounds up.
+
+    Sharding: the codes are laid out as `(blocks, block_size)` over the flattened
+    leaf, so a leaf sharded along its leading axis gives codes sharded along the
+    block axis, and each device quantizes its own blocks. Under explicit sharding
+    (`jax.sharding.AxisType.Explicit`) JAX only accepts this when each shard holds
+    whole blocks (the leaf's size is a multiple of `block_size` times the number of
+    shards); raise `min_size` to keep other leaves in full precision.
 
     !!! example
 
