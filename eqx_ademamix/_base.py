@@ -16,6 +16,14 @@ class AbstractGradientTransformation(eqx.Module):
     into an `optax.GradientTransformationExtraArgs` for `optax.chain` and friends.
     """
 
+    def __hash__(self) -> int:
+        # By identity. The fields hold JAX arrays, which cannot be hashed, and
+        # `jax.jit(opt.init)` / `jax.jit(opt.update)` hash the bound method (and so
+        # the module). Equal optimizers that are distinct objects then hash apart:
+        # at worst a second compilation, never a wrong result. `eqx.filter_jit`
+        # does not use this: it hashes only the static part of the module.
+        return id(self)
+
     @abc.abstractmethod
     def init(self, params: PyTree) -> PyTree:
         """The initial optimizer state for `params`."""

@@ -453,3 +453,19 @@ def test_bf16_updates_have_param_dtype(getkey):
     tx = eam.ademamix(1e-2, weight_decay=0.1)
     u, _ = tx.update(params, tx.init(params), params)
     assert u.dtype == jnp.bfloat16
+
+
+def test_jax_jit_of_bound_methods(getkey):
+    """`jax.jit(opt.init)` and `jax.jit(opt.update)` work (the module is hashed by
+    identity) and agree with the eager calls."""
+    params = {"w": jr.normal(getkey(), (3,))}
+    opt = eam.AdEMAMix(1e-2, weight_decay=0.1)
+    state = jax.jit(opt.init)(params)
+    assert bool(eqx.tree_equal(state, opt.init(params)))
+    g = {"w": jr.normal(getkey(), (3,))}
+    jitted = jax.jit(opt.update)
+    u1, s1 = jitted(g, state, params)
+    u2, s2 = opt.update(g, state, params)
+    assert tree_allclose(u1, u2, rtol=1e-6, atol=0)
+    jitted(g, s1, params)
+    assert jitted._cache_size() == 1
