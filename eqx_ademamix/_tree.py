@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Inexact, Int, PyTree, Real
 
@@ -58,7 +59,14 @@ def complement(decay: Real[ArrayLike, ""], residual: float, dtype: Any) -> Array
     float32, plain `1 - b3` is 1.00017e-4, 1.7e-4 away from the intended 1e-4.
     """
     dtype = real_dtype(dtype)
-    return (1 - jnp.asarray(decay).astype(dtype)) - jnp.asarray(residual, dtype)
+    exact = 1 - jnp.asarray(decay).astype(dtype)
+    if residual == 0:
+        return exact
+    # The barrier keeps XLA from reassociating `(1 - b) - r` into `(1 - r) - b`,
+    # which folds the constants to `1 - b` and loses the residual (it did, on CPU,
+    # whenever `decay` was a run-time value, e.g. an optimizer passed through
+    # `eqx.filter_jit`).
+    return lax.optimization_barrier(exact) - jnp.asarray(residual, dtype)
 
 
 def ema(

@@ -469,3 +469,21 @@ def test_jax_jit_of_bound_methods(getkey):
     assert tree_allclose(u1, u2, rtol=1e-6, atol=0)
     jitted(g, s1, params)
     assert jitted._cache_size() == 1
+
+
+@pytest.mark.parametrize("how", ["eager", "jax.jit", "filter_jit argument"])
+def test_slow_ema_increment_is_exact_everywhere(how):
+    """After one step from zero, m2 = (1 - b3) g with 1 - b3 = 1e-4 to float32
+    round-off, however the update is compiled (float32's 0.9999 would give
+    1.00017e-4; XLA once reassociated the correction away under filter_jit)."""
+    opt = eam.AdEMAMix(1.0, b3=0.9999, b2=0.999)
+    p = jnp.ones(2)
+    s = opt.init(p)
+    if how == "eager":
+        s = opt.update(p, s, p)[1]
+    elif how == "jax.jit":
+        s = jax.jit(opt.update)(p, s, p)[1]
+    else:
+        s = eqx.filter_jit(lambda o, g, s, p: o.update(g, s, p))(opt, p, s, p)[1]
+    np.testing.assert_allclose(s.m2, 1e-4, rtol=2e-7)
+    np.testing.assert_allclose(s.nu, 1e-3, rtol=2e-7)
