@@ -64,6 +64,24 @@ class ScaleByAdemamixState(eqx.Module):
     nu: PyTree
 
 
+def moment_seeds(count: Int[Array, ""]) -> Callable[[int], Array]:
+    """`seed(salt)`: the stochastic-rounding seed of the moment `salt` at step `count`.
+
+    One hash of the step, then per moment a disjoint range of hash inputs (element
+    index + salt * 2**30). Deliberately not per leaf: a per-leaf constant makes every
+    leaf's kernel distinct, and XLA then compiles each one separately (about 15 ms
+    per leaf on CPU; seconds for a few hundred leaves), while leaves of equal shape
+    share kernels. Equal indices of equal-shaped leaves thus draw equal bits within
+    a step; each element's rounding stays unbiased, which is what EMAs need. Shared
+    by the update rules of every optimizer of the package."""
+    step_seed = mix_seed(count)
+
+    def seed(salt: int) -> Array:
+        return step_seed + jnp.uint32((salt * 2**30 * _GOLDEN) % 2**32)
+
+    return seed
+
+
 def _saturating_increment(count: Int[Array, ""]) -> Int[Array, ""]:
     return jnp.where(count < _INT32_MAX, count + 1, count)
 
@@ -383,17 +401,7 @@ class ScaleByAdemamix(AbstractGradientTransformation):
             r3 = 0.0
         new = {"m1": [], "m2": [], "nu": []}
         directions = []
-        # Rounding bits: one hash of the step, then per moment a disjoint range of
-        # hash inputs (element index + salt * 2**30). Deliberately not per leaf:
-        # a per-leaf constant makes every leaf's kernel distinct, and XLA then
-        # compiles each one separately (about 15 ms per leaf on CPU; seconds for
-        # a few hundred leaves), while leaves of equal shape now share kernels.
-        # Equal indices of equal-shaped leaves thus draw equal bits within a
-        # step; each element's rounding stays unbiased, which is what EMAs need.
-        step_seed = mix_seed(state.count)
-
-        def seed(salt: int) -> Array:
-            return step_seed + jnp.uint32((salt * 2**30 * _GOLDEN) % 2**32)
+        seed = moment_seeds(state.count)
 
         # Scalars cast once per compute dtype, not once per leaf (trace time).
         scalars = {}

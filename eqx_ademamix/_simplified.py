@@ -24,6 +24,7 @@ from ._ademamix import (
     _saturating_increment,
     descend,
     flatten_moments,
+    moment_seeds,
     ScalarOrSchedule,
 )
 from ._base import AbstractGradientTransformation
@@ -35,7 +36,7 @@ from ._misc import (
     is_concrete,
     rounding_residual,
 )
-from ._storage import AbstractMomentStorage, CastStorage, mix_seed
+from ._storage import AbstractMomentStorage, CastStorage
 from ._tree import (
     _is_none,
     bias_correction,
@@ -235,6 +236,7 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
         b1 = _at(self.b1, state.count, "b1")
         alpha = _at(self.alpha, state.count, "alpha")
         count = _saturating_increment(state.count)
+        seed = moment_seeds(state.count)  # per moment and step, not per leaf
         new_m, new_nu, directions = [], [], []
         for i, g in enumerate(leaves):
             m, nu = moments["m"][i], moments["nu"][i]
@@ -251,7 +253,7 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
             nu_new = ema_of_norm(
                 g, read(nu).astype(real), self.b2, residual=self.residual_b2
             )
-            nu = write(nu, nu_new, mix_seed(state.count, i, _NU))
+            nu = write(nu, nu_new, seed(_NU))
             nu_hat = read(nu).astype(real) / bias_correction(self.b2, count, real)
             if m is None:
                 momentum = g
@@ -259,7 +261,7 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
                 m = write(
                     m,
                     accumulate(g, read(m).astype(dtype), b1),
-                    mix_seed(state.count, i, _M),
+                    seed(_M),
                 )
                 momentum = read(m).astype(dtype)
             eps_root = self.eps_root.astype(real)
