@@ -671,6 +671,15 @@ def memory_child(name: str, workload: str, quick: bool) -> None:
     shapes = WORKLOADS[workload](quick)
 
     def peak() -> int:
+        # VmHWM: this process's peak RSS. (ru_maxrss is no good in a subprocess:
+        # on Linux a child starts with its parent's maximum, and the parent is big.)
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     if name.startswith("pytorch_optimizer"):
