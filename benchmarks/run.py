@@ -1026,10 +1026,14 @@ def main(argv=None) -> int:
         )
 
     total = (
-        ("steps" in todo) * rounds * sum(len(impls_for(w)) for w in workloads)
+        ("steps" in todo)
+        * sum(
+            (min(rounds, 3) if w == "transformer" else rounds) * len(impls_for(w))
+            for w in workloads
+        )
         + ("compile" in todo) * compile_repeats * 4
         + ("dispatch" in todo) * rounds * (5 if quick else 11)
-        + ("crossover" in todo) * rounds * 4 * len(sizes)
+        + ("crossover" in todo) * min(rounds, 3) * 4 * len(sizes)
         + ("memory" in todo) * len(memory_cases)
     )
     progress = tqdm(total=total, desc="benchmarks", unit="run")
