@@ -53,6 +53,12 @@ class PackedLayout:
     __slots__ = ("treedef", "entries", "groups", "_hash")
 
     def __init__(self, tree: PyTree, max_size: int = PACK_MAX_SIZE):
+        """**Arguments:**
+
+        - `tree`: the parameters (or gradients): a PyTree of arrays, `None` leaves
+          allowed. Only structure, shapes and dtypes are read.
+        - `max_size`: leaves with more elements keep a buffer of their own.
+        """
         leaves, self.treedef = jax.tree.flatten(tree, is_leaf=_is_none)
         sizes: dict[str, int] = {}
         entries = []
