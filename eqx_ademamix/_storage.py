@@ -181,9 +181,12 @@ class CastStorage(AbstractMomentStorage):
 
     def init(self, like: Inexact[Array, "..."], dtype: Any, signed: bool) -> Array:
         del signed
-        # `zeros_like` (not `zeros(shape)`) so that the state takes the parameter's
-        # sharding: eagerly, and under `jit` on meshes with explicit axes.
-        return jnp.zeros_like(like, dtype=dtype)
+        # Zeros computed *from* the parameter, so that they take its sharding:
+        # eagerly, and under `jit` on meshes with explicit or automatic axes (a
+        # plain `zeros_like` is a constant to XLA's sharding propagation, and comes
+        # out replicated on automatic meshes). `|x| * 0` is +0.0 for finite x.
+        zeros = jnp.where(jnp.isfinite(like), jnp.abs(like) * 0, 0)
+        return zeros.astype(dtype)
 
     def read(self, stored: Inexact[Array, "..."]) -> Inexact[Array, "..."]:
         return stored.astype(compute_dtype(stored.dtype))

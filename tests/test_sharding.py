@@ -18,9 +18,9 @@ import pytest
 
 CHECKS = [
     "eager_init_follows_params",
-    "jit_init_follows_params_explicit_mesh",
+    "jit_init_follows_params",
     "jit_init_with_state_shardings_auto_mesh",
-    "optax_init_follows_params_explicit_mesh",
+    "optax_init_follows_params",
     "update_has_no_collectives",
     "sharded_matches_unsharded_float32",
     "sharded_matches_unsharded_bfloat16",
@@ -140,14 +140,15 @@ def _worker():  # noqa: C901 - one script, many small checks
                 for opt in optimizers.values():
                     check_follows(opt.init(params), params, f"eager, {mesh.axis_types}")
 
-    def jit_init_follows_params_explicit_mesh():
-        with jax.set_mesh(explicit):
-            params = shard(params0, explicit, specs)
-            for opt in optimizers.values():
-                state = jax.jit(lambda p: opt.init(p))(params)
-                check_follows(state, params, "jax.jit(init)")
-                state = eqx.filter_jit(opt.init)(params)
-                check_follows(state, params, "eqx.filter_jit(init)")
+    def jit_init_follows_params():
+        for mesh in (auto, explicit):
+            with jax.set_mesh(mesh):
+                params = shard(params0, mesh, specs)
+                for opt in optimizers.values():
+                    state = jax.jit(opt.init)(params)
+                    check_follows(state, params, f"jax.jit(init), {mesh.axis_types}")
+                    state = eqx.filter_jit(opt.init)(params)
+                    check_follows(state, params, "eqx.filter_jit(init)")
 
     def jit_init_with_state_shardings_auto_mesh():
         with jax.set_mesh(auto):
@@ -158,11 +159,13 @@ def _worker():  # noqa: C901 - one script, many small checks
                 check_follows(state, params, "jit(init, out_shardings)")
                 assert state.count.sharding.is_fully_replicated
 
-    def optax_init_follows_params_explicit_mesh():
-        with jax.set_mesh(explicit):
-            params = shard(params0, explicit, specs)
-            tx = eam.ademamix(1e-2, mu_dtype=jnp.bfloat16)
-            check_follows(jax.jit(tx.init)(params), params, "jit(to_optax().init)")
+    def optax_init_follows_params():
+        for mesh in (auto, explicit):
+            with jax.set_mesh(mesh):
+                params = shard(params0, mesh, specs)
+                tx = eam.ademamix(1e-2, mu_dtype=jnp.bfloat16)
+                state = jax.jit(tx.init)(params)
+                check_follows(state, params, "jit(to_optax().init)")
 
     def update_has_no_collectives():
         for mesh in (auto, explicit):
