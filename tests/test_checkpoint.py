@@ -293,9 +293,12 @@ def test_kill_during_save_keeps_a_usable_checkpoint(tmp_path, fmt):
             proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     restored = _load(fmt, where, _tree(0))
-    assert _consistent_version(restored) in (2, 3)
+    # Usually 2 or 3; on a loaded machine the writer can be a few saves ahead of
+    # the lines this process has read when the kill lands, so only a lower bound.
+    version = _consistent_version(restored)
+    assert version >= 2
     if fmt == "orbax":
-        assert eam.latest_step(where) in (2, 3)
+        assert eam.latest_step(where) == version
 
 
 @pytest.mark.parametrize("fmt", ["orbax", "equinox"])
