@@ -26,6 +26,7 @@ from ._tree import (
     bias_correction,
     compute_dtype,
     ema,
+    ema_coefficients,
     ema_of_norm,
     real_dtype,
     wider_dtype,
@@ -423,17 +424,23 @@ class ScaleByAdemamix(AbstractGradientTransformation):
                     self.eps_root.astype(real),
                     self.eps.astype(real),
                     jnp.asarray(alpha).astype(dtype),
+                    ema_coefficients(self.b1, r1, dtype),
+                    ema_coefficients(self.b2, r2, real),
+                    ema_coefficients(b3, r3, dtype),
                 )
-            correction2, correction1, eps_root, eps, alpha_t = scalars[dtype]
+            correction2, correction1, eps_root, eps, alpha_t, c1, c2, c3 = scalars[
+                dtype
+            ]
 
-            nu_new = ema_of_norm(g, read(nu).astype(real), self.b2, residual=r2)
+            nu_new = ema_of_norm(g, read(nu).astype(real), self.b2, coefficients=c2)
             nu = write(nu, nu_new, seed(_NU))
             nu_hat = read(nu).astype(real) / correction2
-            m2 = write(m2, ema(g, read(m2).astype(dtype), b3, r3), seed(_M2))
+            m2_new = ema(g, read(m2).astype(dtype), b3, coefficients=c3)
+            m2 = write(m2, m2_new, seed(_M2))
             if m1 is None:
                 m1_hat = g
             else:
-                m1_new = ema(g, read(m1).astype(dtype), self.b1, r1)
+                m1_new = ema(g, read(m1).astype(dtype), self.b1, coefficients=c1)
                 m1 = write(m1, m1_new, seed(_M1))
                 m1_hat = read(m1).astype(dtype) / correction1
             denom = jnp.sqrt(nu_hat + eps_root) + eps

@@ -69,18 +69,32 @@ def complement(decay: Real[ArrayLike, ""], residual: float, dtype: Any) -> Array
     return lax.optimization_barrier(exact) - jnp.asarray(residual, dtype)
 
 
+def ema_coefficients(
+    decay: Real[ArrayLike, ""], residual: float, dtype: Any
+) -> tuple[Inexact[Array, ""], Inexact[Array, ""]]:
+    """`(decay, 1 - decay)` as `dtype` scalars, `1 - decay` exact (see
+    `complement`). The update rule computes them once per dtype and step, not once
+    per leaf: fewer operations to trace and compile."""
+    one_minus = complement(decay, residual, dtype).astype(dtype)
+    return jnp.asarray(decay).astype(dtype), one_minus
+
+
 def ema(
     g: Inexact[Array, "*shape"],
     m: Inexact[Array, "*shape"],
     decay: Real[ArrayLike, ""],
     residual: float = 0.0,
+    coefficients: tuple[Inexact[Array, ""], Inexact[Array, ""]] | None = None,
 ) -> Inexact[Array, "*shape"]:
     """`decay * m + (1 - decay) * g`, computed in `g`'s dtype (callers promote).
 
     `residual` is the part of the decay that its stored dtype cut off (see
-    `complement`)."""
-    weight = complement(decay, residual, g.dtype).astype(g.dtype)
-    return jnp.asarray(decay).astype(g.dtype) * m.astype(g.dtype) + weight * g
+    `complement`); `coefficients`, if given, are `ema_coefficients(decay, residual,
+    g.dtype)` computed beforehand."""
+    if coefficients is None:
+        coefficients = ema_coefficients(decay, residual, g.dtype)
+    decay, weight = coefficients
+    return decay * m.astype(g.dtype) + weight * g
 
 
 def abs_sq(g: Inexact[Array, "*shape"]) -> Real[Array, "*shape"]:
@@ -96,10 +110,11 @@ def ema_of_norm(
     decay: Real[ArrayLike, ""],
     order: int = 2,
     residual: float = 0.0,
+    coefficients: tuple[Real[Array, ""], Real[Array, ""]] | None = None,
 ) -> Real[Array, "*shape"]:
     """`decay * m + (1 - decay) * |g|^order`, real for complex `g`."""
     norm = abs_sq(g) if order == 2 else jnp.abs(g) ** order
-    return ema(norm, m, decay, residual)
+    return ema(norm, m, decay, residual, coefficients)
 
 
 def bias_correction(
