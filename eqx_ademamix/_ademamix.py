@@ -34,7 +34,7 @@ from ._tree import (
 
 
 Schedule = Callable[[Int[Array, ""]], Float[Array, ""]]
-ScalarOrSchedule = float | Float[ArrayLike, ""] | Schedule
+ScalarOrSchedule = Real[ArrayLike, ""] | Schedule
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 # Salts that keep the rounding noise of the three moments of one element apart.
@@ -238,14 +238,14 @@ class ScaleByAdemamix(AbstractGradientTransformation):
 
     def __init__(
         self,
-        b1: float | Float[ArrayLike, ""] = 0.9,
-        b2: float | Float[ArrayLike, ""] = 0.999,
+        b1: Real[ArrayLike, ""] = 0.9,
+        b2: Real[ArrayLike, ""] = 0.999,
         b3: ScalarOrSchedule = 0.9999,
         alpha: ScalarOrSchedule = 5.0,
         b3_scheduler: Schedule | None = None,
         alpha_scheduler: Schedule | None = None,
-        eps: float | Float[ArrayLike, ""] = 1e-8,
-        eps_root: float | Float[ArrayLike, ""] = 0.0,
+        eps: Real[ArrayLike, ""] = 1e-8,
+        eps_root: Real[ArrayLike, ""] = 0.0,
         mu_dtype: Any | None = None,
         packed: bool = False,
         quantized: AbstractMomentStorage | None = None,
@@ -608,15 +608,15 @@ class AdEMAMix(AbstractGradientTransformation):
     def __init__(
         self,
         learning_rate: ScalarOrSchedule = 1e-3,
-        b1: float | Float[ArrayLike, ""] = 0.9,
-        b2: float | Float[ArrayLike, ""] = 0.999,
+        b1: Real[ArrayLike, ""] = 0.9,
+        b2: Real[ArrayLike, ""] = 0.999,
         b3: ScalarOrSchedule = 0.9999,
         alpha: ScalarOrSchedule = 5.0,
         b3_scheduler: Schedule | None = None,
         alpha_scheduler: Schedule | None = None,
-        eps: float | Float[ArrayLike, ""] = 1e-8,
-        eps_root: float | Float[ArrayLike, ""] = 0.0,
-        weight_decay: float | Float[ArrayLike, ""] = 0.0,
+        eps: Real[ArrayLike, ""] = 1e-8,
+        eps_root: Real[ArrayLike, ""] = 0.0,
+        weight_decay: Real[ArrayLike, ""] = 0.0,
         mask: Any = None,
         mu_dtype: Any | None = None,
         packed: bool = False,

@@ -4,7 +4,7 @@
 from typing import Any
 
 import optax
-from jaxtyping import ArrayLike, Float
+from jaxtyping import ArrayLike, Real
 
 from ._ademamix import AdEMAMix, ScalarOrSchedule, ScaleByAdemamix, Schedule
 from ._storage import AbstractMomentStorage
@@ -12,15 +12,15 @@ from ._storage import AbstractMomentStorage
 
 def ademamix(
     lr: ScalarOrSchedule,
-    b1: float | Float[ArrayLike, ""] = 0.9,
-    b2: float | Float[ArrayLike, ""] = 0.999,
+    b1: Real[ArrayLike, ""] = 0.9,
+    b2: Real[ArrayLike, ""] = 0.999,
     b3: ScalarOrSchedule = 0.9999,
     alpha: ScalarOrSchedule = 5.0,
     b3_scheduler: Schedule | None = None,
     alpha_scheduler: Schedule | None = None,
-    eps: float | Float[ArrayLike, ""] = 1e-8,
-    eps_root: float | Float[ArrayLike, ""] = 0.0,
-    weight_decay: float | Float[ArrayLike, ""] = 0.0,
+    eps: Real[ArrayLike, ""] = 1e-8,
+    eps_root: Real[ArrayLike, ""] = 0.0,
+    weight_decay: Real[ArrayLike, ""] = 0.0,
     mu_dtype: Any | None = None,
     mask: Any = None,
     quantized: AbstractMomentStorage | None = None,
@@ -53,14 +53,14 @@ def ademamix(
 
 
 def scale_by_ademamix(
-    b1: float | Float[ArrayLike, ""] = 0.9,
-    b2: float | Float[ArrayLike, ""] = 0.999,
+    b1: Real[ArrayLike, ""] = 0.9,
+    b2: Real[ArrayLike, ""] = 0.999,
     b3: ScalarOrSchedule = 0.9999,
     alpha: ScalarOrSchedule = 5.0,
     b3_scheduler: Schedule | None = None,
     alpha_scheduler: Schedule | None = None,
-    eps: float | Float[ArrayLike, ""] = 1e-8,
-    eps_root: float | Float[ArrayLike, ""] = 0.0,
+    eps: Real[ArrayLike, ""] = 1e-8,
+    eps_root: Real[ArrayLike, ""] = 0.0,
     mu_dtype: Any | None = None,
     quantized: AbstractMomentStorage | None = None,
 ) -> optax.GradientTransformationExtraArgs:

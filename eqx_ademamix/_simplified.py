@@ -128,10 +128,10 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
     def __init__(
         self,
         b1: ScalarOrSchedule = 0.99,
-        b2: float | Float[ArrayLike, ""] = 0.95,
+        b2: Real[ArrayLike, ""] = 0.95,
         alpha: ScalarOrSchedule = 0.0,
-        eps: float | Float[ArrayLike, ""] = 1e-8,
-        eps_root: float | Float[ArrayLike, ""] = 0.0,
+        eps: Real[ArrayLike, ""] = 1e-8,
+        eps_root: Real[ArrayLike, ""] = 0.0,
         mu_dtype: Any | None = None,
     ):
         """**Arguments:**
@@ -360,11 +360,11 @@ class SimplifiedAdEMAMix(AbstractGradientTransformation):
         self,
         learning_rate: ScalarOrSchedule = 1e-4,
         b1: ScalarOrSchedule = 0.99,
-        b2: float | Float[ArrayLike, ""] = 0.95,
+        b2: Real[ArrayLike, ""] = 0.95,
         alpha: ScalarOrSchedule = 0.0,
-        eps: float | Float[ArrayLike, ""] = 1e-8,
-        eps_root: float | Float[ArrayLike, ""] = 0.0,
-        weight_decay: float | Float[ArrayLike, ""] = 0.0,
+        eps: Real[ArrayLike, ""] = 1e-8,
+        eps_root: Real[ArrayLike, ""] = 0.0,
+        weight_decay: Real[ArrayLike, ""] = 0.0,
         mask: Any = None,
         mu_dtype: Any | None = None,
     ):
@@ -429,11 +429,11 @@ class SimplifiedAdEMAMix(AbstractGradientTransformation):
 def simplified_ademamix(
     learning_rate: ScalarOrSchedule,
     b1: ScalarOrSchedule = 0.99,
-    b2: float | Float[ArrayLike, ""] = 0.95,
+    b2: Real[ArrayLike, ""] = 0.95,
     alpha: ScalarOrSchedule = 0.0,
-    eps: float | Float[ArrayLike, ""] = 1e-8,
-    eps_root: float | Float[ArrayLike, ""] = 0.0,
-    weight_decay: float | Float[ArrayLike, ""] = 0.0,
+    eps: Real[ArrayLike, ""] = 1e-8,
+    eps_root: Real[ArrayLike, ""] = 0.0,
+    weight_decay: Real[ArrayLike, ""] = 0.0,
     mask: Any = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -461,10 +461,10 @@ def simplified_ademamix(
 
 def scale_by_simplified_ademamix(
     b1: ScalarOrSchedule = 0.99,
-    b2: float | Float[ArrayLike, ""] = 0.95,
+    b2: Real[ArrayLike, ""] = 0.95,
     alpha: ScalarOrSchedule = 0.0,
-    eps: float | Float[ArrayLike, ""] = 1e-8,
-    eps_root: float | Float[ArrayLike, ""] = 0.0,
+    eps: Real[ArrayLike, ""] = 1e-8,
+    eps_root: Real[ArrayLike, ""] = 0.0,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The Simplified AdEMAMix direction (no learning rate, no weight decay) as an

@@ -487,3 +487,17 @@ def test_slow_ema_increment_is_exact_everywhere(how):
         s = eqx.filter_jit(lambda o, g, s, p: o.update(g, s, p))(opt, p, s, p)[1]
     np.testing.assert_allclose(s.m2, 1e-4, rtol=2e-7)
     np.testing.assert_allclose(s.nu, 1e-3, rtol=2e-7)
+
+
+def test_integer_and_numpy_hyperparameters_are_accepted():
+    """`alpha=8`, `b1=0`, `weight_decay=0` are what people write: the annotations
+    (checked by beartype under pytest) must accept ints and NumPy scalars."""
+    opt = eam.AdEMAMix(learning_rate=1, b1=0, alpha=8, weight_decay=0, eps=0)
+    eam.ademamix(1, b1=0, alpha=8, weight_decay=0)
+    eam.scale_by_ademamix(0, 0.999, 0.999, 5, None, None, eps=0)
+    eam.alpha_scheduler(8, alpha_start=0, warmup=10)
+    eam.beta3_scheduler(0.999, beta_start=0, warmup=10)
+    eam.SimplifiedAdEMAMix(learning_rate=1, alpha=2)
+    opt = eam.AdEMAMix(np.float32(1e-3), b1=np.float64(0.9), alpha=np.int64(5))
+    updates, _ = opt.update(jnp.ones(2), opt.init(jnp.ones(2)), jnp.ones(2))
+    assert np.all(np.isfinite(updates))
