@@ -34,13 +34,14 @@ class AbstractWarmupSchedule(eqx.Module):
     def _end(self) -> Float[Array, ""]:
         """The value after the warm-up."""
 
-    def __call__(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
-        """The schedule's value at `step` (an integer scalar, 0 before the first
-        update)."""
-        step = jnp.asarray(step)
-        warmup = jnp.maximum(self.warmup, 1).astype(self._end().dtype)
-        fraction = jnp.clip(step.astype(warmup.dtype) / warmup, 0, 1)
-        return jnp.where(step < self.warmup, self._interpolate(fraction), self._end())
+    def __call__(self, step: Real[ArrayLike, ""]) -> Float[Array, ""]:
+        """The schedule's value at `step` (a scalar, 0 before the first update;
+        optimizers pass an int32 counter, plotting code may pass floats)."""
+        dtype = self._end().dtype
+        step = jnp.asarray(step).astype(dtype)
+        warmup = self.warmup.astype(dtype)
+        fraction = jnp.clip(step / jnp.maximum(warmup, 1), 0, 1)
+        return jnp.where(step < warmup, self._interpolate(fraction), self._end())
 
 
 class AlphaSchedule(AbstractWarmupSchedule):

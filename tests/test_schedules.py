@@ -95,3 +95,10 @@ def test_schedule_validation(make, name):
     # already rules the value out (pytest runs the jaxtyping import hook).
     with pytest.raises((ValueError, TypeError), match=name):
         make()
+
+
+def test_schedules_accept_float_steps():
+    sched = eam.alpha_scheduler(8.0, warmup=10)
+    np.testing.assert_allclose(sched(5.0), 4.0)
+    np.testing.assert_allclose(sched(jnp.float32(20.0)), 8.0)
+    np.testing.assert_allclose(jax.vmap(sched)(jnp.arange(3.0)), [0.0, 0.8, 1.6])
