@@ -1,6 +1,7 @@
 """AdEMAMix for JAX, the Equinox way."""
 
 from ._ademamix import (
+    AbstractDescent as AbstractDescent,
     AdEMAMix as AdEMAMix,
     ScaleByAdemamix as ScaleByAdemamix,
     ScaleByAdemamixState as ScaleByAdemamixState,
@@ -58,6 +59,7 @@ from ._tree import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbstractDescent",
     "AbstractGradientTransformation",
     "AbstractMomentStorage",
     "AbstractWarmupSchedule",

@@ -565,7 +565,63 @@ def descend(
     return treedef.unflatten(out)
 
 
-class AdEMAMix(AbstractGradientTransformation):
+class AbstractDescent(AbstractGradientTransformation):
+    """An optimizer made of a direction (`scale`, whose `_step` runs the update
+    rule), decoupled weight decay and a learning rate:
+    `-lr(t) * (direction + weight_decay * mask * params)`.
+
+    [`eqx_ademamix.AdEMAMix`][] and [`eqx_ademamix.SimplifiedAdEMAMix`][] are its
+    final subclasses: each declares its fields and constructor; `init`, `update`
+    and the validation of the learning rate and weight decay are written here,
+    once.
+    """
+
+    learning_rate: eqx.AbstractVar[Float[Array, ""] | Callable]
+    weight_decay: eqx.AbstractVar[Float[Array, ""]]
+    mask: eqx.AbstractVar[Any]
+    scale: eqx.AbstractVar[AbstractGradientTransformation]
+
+    def __check_init__(self):
+        if not callable(self.learning_rate):
+            check_nonnegative("learning_rate", self.learning_rate)
+        check_nonnegative("weight_decay", self.weight_decay)
+
+    def init(self, params: PyTree) -> PyTree:
+        """The initial state of the direction `scale` (e.g. an
+        [`eqx_ademamix.ScaleByAdemamixState`][]) for `params`."""
+        return self.scale.init(params)
+
+    def update(
+        self,
+        updates: PyTree,
+        state: PyTree,
+        params: PyTree | None = None,
+        **extra_args,
+    ) -> tuple[PyTree, PyTree]:
+        """One optimizer step.
+
+        **Arguments:**
+
+        - `updates`: the gradients.
+        - `state`: the current state (from `init` or a previous `update`).
+        - `params`: the current parameters; required when `weight_decay` is not 0.
+        - `**extra_args`: ignored (optax's `GradientTransformationExtraArgs`).
+
+        **Returns:** `(updates, new_state)`; add the updates to the parameters with
+        `eqx.apply_updates`. Updates have the parameters' dtypes. The learning rate
+        is evaluated at `state.count` before the increment.
+        """
+        del extra_args
+        # The rule first: it checks that `state` is the right kind of state.
+        directions, treedef, new_state = self.scale._step(updates, state)
+        lr = _at(self.learning_rate, state.count, "learning_rate")
+        out = descend(
+            directions, treedef, updates, params, lr, self.weight_decay, self.mask
+        )
+        return out, new_state
+
+
+class AdEMAMix(AbstractDescent):
     r"""The AdEMAMix optimizer: [`eqx_ademamix.ScaleByAdemamix`][] with decoupled
     weight decay and a learning rate,
 
@@ -655,39 +711,3 @@ class AdEMAMix(AbstractGradientTransformation):
             packed=packed,
             quantized=quantized,
         )
-
-    def __check_init__(self):
-        if not callable(self.learning_rate):
-            check_nonnegative("learning_rate", self.learning_rate)
-        check_nonnegative("weight_decay", self.weight_decay)
-
-    def init(self, params: PyTree) -> ScaleByAdemamixState:
-        """The initial state; see [`eqx_ademamix.ScaleByAdemamix.init`][]."""
-        return self.scale.init(params)
-
-    def update(
-        self,
-        updates: PyTree,
-        state: ScaleByAdemamixState,
-        params: PyTree | None = None,
-        **extra_args,
-    ) -> tuple[PyTree, ScaleByAdemamixState]:
-        """One AdEMAMix step.
-
-        **Arguments:**
-
-        - `updates`: the gradients.
-        - `state`: the current [`eqx_ademamix.ScaleByAdemamixState`][].
-        - `params`: the current parameters; required when `weight_decay` is not 0.
-        - `**extra_args`: ignored (optax's `GradientTransformationExtraArgs`).
-
-        **Returns:** `(updates, new_state)`; add the updates to the parameters with
-        `eqx.apply_updates`. Updates have the parameters' dtypes.
-        """
-        del extra_args
-        lr = _at(self.learning_rate, state.count, "learning_rate")
-        directions, treedef, state = self.scale._step(updates, state)
-        out = descend(
-            directions, treedef, updates, params, lr, self.weight_decay, self.mask
-        )
-        return out, state

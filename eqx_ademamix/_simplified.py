@@ -22,7 +22,7 @@ from ._ademamix import (
     _hyperparameter,
     _path_str,
     _saturating_increment,
-    descend,
+    AbstractDescent,
     flatten_moments,
     moment_seeds,
     ScalarOrSchedule,
@@ -305,7 +305,7 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
         return treedef.unflatten(out), state
 
 
-class SimplifiedAdEMAMix(AbstractGradientTransformation):
+class SimplifiedAdEMAMix(AbstractDescent):
     r"""Simplified AdEMAMix: [`eqx_ademamix.ScaleBySimplifiedAdemamix`][] with
     decoupled weight decay and a learning rate,
 
@@ -388,42 +388,6 @@ class SimplifiedAdEMAMix(AbstractGradientTransformation):
         self.scale = ScaleBySimplifiedAdemamix(
             b1=b1, b2=b2, alpha=alpha, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype
         )
-
-    def __check_init__(self):
-        if not callable(self.learning_rate):
-            check_nonnegative("learning_rate", self.learning_rate)
-        check_nonnegative("weight_decay", self.weight_decay)
-
-    def init(self, params: PyTree) -> ScaleBySimplifiedAdemamixState:
-        """The initial state; see [`eqx_ademamix.ScaleBySimplifiedAdemamix.init`][]."""
-        return self.scale.init(params)
-
-    def update(
-        self,
-        updates: PyTree,
-        state: ScaleBySimplifiedAdemamixState,
-        params: PyTree | None = None,
-        **extra_args,
-    ) -> tuple[PyTree, ScaleBySimplifiedAdemamixState]:
-        """One Simplified AdEMAMix step.
-
-        **Arguments:**
-
-        - `updates`: the gradients.
-        - `state`: the current [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
-        - `params`: the current parameters; required when `weight_decay` is not 0.
-        - `**extra_args`: ignored (optax's `GradientTransformationExtraArgs`).
-
-        **Returns:** `(updates, new_state)`; add the updates to the parameters with
-        `eqx.apply_updates`. Updates have the parameters' dtypes.
-        """
-        del extra_args
-        lr = _at(self.learning_rate, state.count, "learning_rate")
-        directions, treedef, state = self.scale._step(updates, state)
-        out = descend(
-            directions, treedef, updates, params, lr, self.weight_decay, self.mask
-        )
-        return out, state
 
 
 def simplified_ademamix(
