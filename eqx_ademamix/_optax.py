@@ -11,7 +11,7 @@ from ._storage import AbstractMomentStorage
 
 
 def ademamix(
-    lr: ScalarOrSchedule,
+    lr: ScalarOrSchedule | None = None,
     b1: Real[ArrayLike, ""] = 0.9,
     b2: Real[ArrayLike, ""] = 0.999,
     b3: ScalarOrSchedule = 0.9999,
@@ -24,6 +24,8 @@ def ademamix(
     mu_dtype: Any | None = None,
     mask: Any = None,
     quantized: AbstractMomentStorage | None = None,
+    *,
+    learning_rate: ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdEMAMix as an optax transformation, with the seed code's arguments.
 
@@ -32,11 +34,19 @@ def ademamix(
     `optax.chain`, `optax.inject_hyperparams(eqx_ademamix.ademamix)` and
     `optax.MultiSteps`.
 
+    The learning rate is `lr` (the seed code's name); `learning_rate=` (the name
+    `optax.contrib.ademamix` uses) is accepted too. Pass exactly one of them.
+
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     [`eqx_ademamix.ScaleByAdemamixState`][].
     """
+    if (lr is None) == (learning_rate is None):
+        raise ValueError(
+            "pass the learning rate once, as `lr` or as `learning_rate`; got "
+            f"lr={lr!r}, learning_rate={learning_rate!r}."
+        )
     return AdEMAMix(
-        learning_rate=lr,
+        learning_rate=lr if learning_rate is None else learning_rate,
         b1=b1,
         b2=b2,
         b3=b3,

@@ -501,3 +501,18 @@ def test_integer_and_numpy_hyperparameters_are_accepted():
     opt = eam.AdEMAMix(np.float32(1e-3), b1=np.float64(0.9), alpha=np.int64(5))
     updates, _ = opt.update(jnp.ones(2), opt.init(jnp.ones(2)), jnp.ones(2))
     assert np.all(np.isfinite(updates))
+
+
+def test_ademamix_accepts_optax_contrib_learning_rate_name():
+    params = jnp.ones(3)
+    a, b = eam.ademamix(0.1), eam.ademamix(learning_rate=0.1)
+    ua, _ = a.update(params, a.init(params), params)
+    ub, _ = b.update(params, b.init(params), params)
+    np.testing.assert_array_equal(ua, ub)
+    with jax.numpy_dtype_promotion("standard"):  # optax itself needs it
+        injected = optax.inject_hyperparams(eam.ademamix)(learning_rate=0.1)
+        uc, _ = injected.update(params, injected.init(params), params)
+    np.testing.assert_allclose(uc, ua, rtol=3e-5)  # float32 betas, see above
+    for kwargs in (dict(), dict(lr=0.1, learning_rate=0.1)):
+        with pytest.raises(ValueError, match="learning rate once"):
+            eam.ademamix(**kwargs)
