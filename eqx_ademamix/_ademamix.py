@@ -193,6 +193,26 @@ def flatten_moments(
     return leaves, treedef, moments
 
 
+def check_mu_dtype(mu_dtype: Any) -> None:
+    """Raise a `ValueError` unless `mu_dtype` is None or a floating dtype."""
+    if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.inexact):
+        raise ValueError(f"`mu_dtype` must be a floating dtype, got {mu_dtype}.")
+
+
+def moment_dtype(mu_dtype: Any, param: Inexact[Array, "..."], path) -> Any:
+    """The dtype of a first moment of `param`: `mu_dtype`, or the parameter's own.
+    Complex parameters need a complex `mu_dtype` (an error names the path)."""
+    if mu_dtype is None:
+        return param.dtype
+    if jnp.iscomplexobj(param) and not jnp.issubdtype(mu_dtype, jnp.complexfloating):
+        raise ValueError(
+            f"the parameter at {_path_str(path)} is complex ({param.dtype}), so "
+            f"its moments cannot be stored in mu_dtype={mu_dtype}; use a "
+            "complex mu_dtype or None."
+        )
+    return mu_dtype
+
+
 class ScaleByAdemamix(AbstractGradientTransformation):
     r"""The AdEMAMix direction, before learning rate and weight decay.
 
@@ -303,23 +323,10 @@ class ScaleByAdemamix(AbstractGradientTransformation):
                 "`quantized` must be a storage such as `eqx_ademamix.Blockwise8Bit()` "
                 f"or None, got quantized={self.storage!r}."
             )
-        if self.mu_dtype is not None and not jnp.issubdtype(self.mu_dtype, jnp.inexact):
-            raise ValueError(
-                f"`mu_dtype` must be a floating dtype, got {self.mu_dtype}."
-            )
+        check_mu_dtype(self.mu_dtype)
 
     def _moment_dtype(self, param: Inexact[Array, "..."], path) -> Any:
-        if self.mu_dtype is None:
-            return param.dtype
-        if jnp.iscomplexobj(param) and not jnp.issubdtype(
-            self.mu_dtype, jnp.complexfloating
-        ):
-            raise ValueError(
-                f"the parameter at {_path_str(path)} is complex ({param.dtype}), so "
-                f"its moments cannot be stored in mu_dtype={self.mu_dtype}; use a "
-                "complex mu_dtype or None."
-            )
-        return self.mu_dtype
+        return moment_dtype(self.mu_dtype, param, path)
 
     def init(self, params: PyTree) -> ScaleByAdemamixState:
         """The initial state: zero moments shaped like `params`, counters at 0.

@@ -20,10 +20,11 @@ from ._ademamix import (
     _at,
     _check_params,
     _hyperparameter,
-    _path_str,
     _saturating_increment,
     AbstractDescent,
+    check_mu_dtype,
     flatten_moments,
+    moment_dtype,
     moment_seeds,
     ScalarOrSchedule,
 )
@@ -168,23 +169,10 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
             check_finite("alpha", self.alpha)
         check_nonnegative("eps", self.eps)
         check_nonnegative("eps_root", self.eps_root)
-        if self.mu_dtype is not None and not jnp.issubdtype(self.mu_dtype, jnp.inexact):
-            raise ValueError(
-                f"`mu_dtype` must be a floating dtype, got {self.mu_dtype}."
-            )
+        check_mu_dtype(self.mu_dtype)
 
     def _moment_dtype(self, param: Inexact[Array, "..."], path) -> Any:
-        if self.mu_dtype is None:
-            return param.dtype
-        if jnp.iscomplexobj(param) and not jnp.issubdtype(
-            self.mu_dtype, jnp.complexfloating
-        ):
-            raise ValueError(
-                f"the parameter at {_path_str(path)} is complex ({param.dtype}), so "
-                f"its momentum cannot be stored in mu_dtype={self.mu_dtype}; use a "
-                "complex mu_dtype or None."
-            )
-        return self.mu_dtype
+        return moment_dtype(self.mu_dtype, param, path)
 
     def init(self, params: PyTree) -> ScaleBySimplifiedAdemamixState:
         """The initial state: zero moments shaped like `params`, count at 0.
