@@ -2,6 +2,7 @@
 
 from ._ademamix import (
     AbstractDescent as AbstractDescent,
+    AbstractDirection as AbstractDirection,
     AdEMAMix as AdEMAMix,
     ScaleByAdemamix as ScaleByAdemamix,
     ScaleByAdemamixState as ScaleByAdemamixState,
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbstractDescent",
+    "AbstractDirection",
     "AbstractGradientTransformation",
     "AbstractMomentStorage",
     "AbstractWarmupSchedule",

@@ -1,6 +1,7 @@
 """AdEMAMix: the state, the direction (`ScaleByAdemamix`) and the optimizer
 (`AdEMAMix`). The update rule is written once, in `ScaleByAdemamix._step`."""
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -213,7 +214,46 @@ def moment_dtype(mu_dtype: Any, param: Inexact[Array, "..."], path) -> Any:
     return mu_dtype
 
 
-class ScaleByAdemamix(AbstractGradientTransformation):
+class AbstractDirection(AbstractGradientTransformation):
+    """A direction (no learning rate, no weight decay) computed by an update rule
+    `_step(grads, state) -> (direction leaves in compute precision, treedef,
+    new_state)`. `update` is written here once: it casts the direction to the
+    gradients' dtypes. [`eqx_ademamix.ScaleByAdemamix`][] and
+    [`eqx_ademamix.ScaleBySimplifiedAdemamix`][] are its final subclasses."""
+
+    @abc.abstractmethod
+    def _step(self, grads: PyTree, state: PyTree) -> tuple[list, Any, PyTree]:
+        """The update rule."""
+
+    def update(
+        self,
+        updates: PyTree,
+        state: PyTree,
+        params: PyTree | None = None,
+        **extra_args,
+    ) -> tuple[PyTree, PyTree]:
+        """One step of the direction.
+
+        **Arguments:**
+
+        - `updates`: the gradients, with the structure `init` was called with.
+        - `state`: the current state (from `init` or a previous `update`).
+        - `params`: unused (accepted for optax compatibility).
+        - `**extra_args`: ignored (optax's `GradientTransformationExtraArgs`).
+
+        **Returns:** `(direction, new_state)`; the direction has the gradients'
+        structure and dtypes.
+        """
+        del params, extra_args
+        leaves = jax.tree.leaves(updates, is_leaf=_is_none)
+        directions, treedef, state = self._step(updates, state)
+        out = [
+            None if d is None else d.astype(g.dtype) for d, g in zip(directions, leaves)
+        ]
+        return treedef.unflatten(out), state
+
+
+class ScaleByAdemamix(AbstractDirection):
     r"""The AdEMAMix direction, before learning rate and weight decay.
 
     With $g$ the gradient and $t$ the step (counting from 1):
@@ -465,33 +505,6 @@ class ScaleByAdemamix(AbstractGradientTransformation):
         )
         return directions, treedef, state
 
-    def update(
-        self,
-        updates: PyTree,
-        state: ScaleByAdemamixState,
-        params: PyTree | None = None,
-        **extra_args,
-    ) -> tuple[PyTree, ScaleByAdemamixState]:
-        """One step of AdEMAMix's direction.
-
-        **Arguments:**
-
-        - `updates`: the gradients, with the structure `init` was called with.
-        - `state`: the current [`eqx_ademamix.ScaleByAdemamixState`][].
-        - `params`: unused (accepted for optax compatibility).
-        - `**extra_args`: ignored (optax's `GradientTransformationExtraArgs`).
-
-        **Returns:** `(direction, new_state)`; the direction has the gradients'
-        structure and dtypes.
-        """
-        del params, extra_args
-        leaves = jax.tree.leaves(updates, is_leaf=_is_none)
-        directions, treedef, state = self._step(updates, state)
-        out = [
-            None if d is None else d.astype(g.dtype) for d, g in zip(directions, leaves)
-        ]
-        return treedef.unflatten(out), state
-
 
 def _full_mask(mask: Any, params: PyTree) -> PyTree:
     """Broadcast a weight-decay mask (a bool tree that is a prefix of `params`, or a
@@ -586,7 +599,7 @@ class AbstractDescent(AbstractGradientTransformation):
     learning_rate: eqx.AbstractVar[Float[Array, ""] | Callable]
     weight_decay: eqx.AbstractVar[Float[Array, ""]]
     mask: eqx.AbstractVar[Any]
-    scale: eqx.AbstractVar[AbstractGradientTransformation]
+    scale: eqx.AbstractVar[AbstractDirection]
 
     def __check_init__(self):
         if not callable(self.learning_rate):

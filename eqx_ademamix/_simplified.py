@@ -22,13 +22,13 @@ from ._ademamix import (
     _hyperparameter,
     _saturating_increment,
     AbstractDescent,
+    AbstractDirection,
     check_mu_dtype,
     flatten_moments,
     moment_dtype,
     moment_seeds,
     ScalarOrSchedule,
 )
-from ._base import AbstractGradientTransformation
 from ._misc import (
     as_float_scalar,
     check_finite,
@@ -78,7 +78,7 @@ class ScaleBySimplifiedAdemamixState(eqx.Module):
     nu: PyTree
 
 
-class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
+class ScaleBySimplifiedAdemamix(AbstractDirection):
     r"""The Simplified AdEMAMix direction, before learning rate and weight decay.
 
     With $g$ the gradient and $t$ the step (counting from 1):
@@ -264,33 +264,6 @@ class ScaleBySimplifiedAdemamix(AbstractGradientTransformation):
             nu=treedef.unflatten(new_nu),
         )
         return directions, treedef, state
-
-    def update(
-        self,
-        updates: PyTree,
-        state: ScaleBySimplifiedAdemamixState,
-        params: PyTree | None = None,
-        **extra_args,
-    ) -> tuple[PyTree, ScaleBySimplifiedAdemamixState]:
-        """One step of Simplified AdEMAMix's direction.
-
-        **Arguments:**
-
-        - `updates`: the gradients, with the structure `init` was called with.
-        - `state`: the current [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
-        - `params`: unused (accepted for optax compatibility).
-        - `**extra_args`: ignored (optax's `GradientTransformationExtraArgs`).
-
-        **Returns:** `(direction, new_state)`; the direction has the gradients'
-        structure and dtypes.
-        """
-        del params, extra_args
-        leaves = jax.tree.leaves(updates, is_leaf=_is_none)
-        directions, treedef, state = self._step(updates, state)
-        out = [
-            None if d is None else d.astype(g.dtype) for d, g in zip(directions, leaves)
-        ]
-        return treedef.unflatten(out), state
 
 
 class SimplifiedAdEMAMix(AbstractDescent):
