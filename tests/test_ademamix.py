@@ -7,23 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from .conftest import tree_allclose, tree_dtypes
+from .conftest import random_grads, run_module, tree_allclose, tree_dtypes
 from .reference import ademamix_run
-
-
-def _grads(getkey, shape, n):
-    return [np.asarray(jr.normal(getkey(), shape)) for _ in range(n)]
-
-
-def _run_module(opt, params, grads):
-    state = opt.init(params)
-    step = eqx.filter_jit(lambda o, g, s, p: o.update(g, s, p))
-    history = []
-    for g in grads:
-        updates, state = step(opt, jnp.asarray(g, params.dtype), state, params)
-        params = eqx.apply_updates(params, updates)
-        history.append(np.asarray(params))
-    return history, state
 
 
 @pytest.mark.parametrize(
@@ -40,7 +25,7 @@ def test_matches_float64_algorithm_1(getkey, kwargs):
     """150 steps against the paper's Algorithm 1 in NumPy float64 (with x64 on, so
     the package also computes in float64 and round-off is not the question)."""
     kwargs = dict(lr=1e-2, **kwargs)
-    grads = _grads(getkey, (4, 3), 150)
+    grads = random_grads(getkey, (4, 3), 150)
     theta0 = np.asarray(jr.normal(getkey(), (4, 3)))
     expected, (m1, m2, nu) = ademamix_run(theta0, grads, **kwargs)
     t_alpha, t_b3 = kwargs.pop("t_alpha", 0), kwargs.pop("t_b3", 0)
@@ -56,7 +41,7 @@ def test_matches_float64_algorithm_1(getkey, kwargs):
             alpha=eam.alpha_scheduler(alpha, warmup=t_alpha) if t_alpha else alpha,
             b3=eam.beta3_scheduler(b3, beta_start=b1, warmup=t_b3) if t_b3 else b3,
         )
-        got, state = _run_module(opt, jnp.asarray(theta0, jnp.float64), grads)
+        got, state = run_module(opt, jnp.asarray(theta0, jnp.float64), grads)
         np.testing.assert_allclose(
             np.stack(got), np.stack(expected), rtol=1e-10, atol=1e-12
         )
@@ -69,10 +54,10 @@ def test_matches_float64_algorithm_1(getkey, kwargs):
 
 
 def test_float32_close_to_float64_reference(getkey):
-    grads = _grads(getkey, (16,), 200)
+    grads = random_grads(getkey, (16,), 200)
     theta0 = np.asarray(jr.normal(getkey(), (16,)))
     expected, _ = ademamix_run(theta0, grads, lr=1e-2, alpha=8.0, b3=0.999)
-    got, _ = _run_module(
+    got, _ = run_module(
         eam.AdEMAMix(1e-2, alpha=8.0, b3=0.999), jnp.asarray(theta0, jnp.float32), grads
     )
     np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=0, atol=2e-5)

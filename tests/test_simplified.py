@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from .conftest import tree_allclose, tree_dtypes
+from .conftest import random_grads, run_module, tree_allclose, tree_dtypes
 from .reference import alpha_at, beta3_at
 
 
@@ -50,21 +50,6 @@ def simplified_run(
     return history, (m, nu)
 
 
-def _grads(getkey, shape, n):
-    return [np.asarray(jr.normal(getkey(), shape)) for _ in range(n)]
-
-
-def _run_module(opt, params, grads):
-    state = opt.init(params)
-    step = eqx.filter_jit(lambda o, g, s, p: o.update(g, s, p))
-    history = []
-    for g in grads:
-        updates, state = step(opt, jnp.asarray(g, params.dtype), state, params)
-        params = eqx.apply_updates(params, updates)
-        history.append(np.asarray(params))
-    return history, state
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -79,7 +64,7 @@ def test_matches_float64_reference(getkey, kwargs):
     """150 steps against the paper's rule in float64 (x64 on, so round-off is not
     the question), with and without the b1 and alpha warm-ups."""
     kwargs = dict(lr=1e-3, **kwargs)
-    grads = _grads(getkey, (4, 3), 150)
+    grads = random_grads(getkey, (4, 3), 150)
     theta0 = np.asarray(jr.normal(getkey(), (4, 3)))
     expected, (m, nu) = simplified_run(theta0, grads, **kwargs)
     b1_start, t_b1 = kwargs.pop("b1_start", None), kwargs.pop("t_b1", 0)
@@ -92,7 +77,7 @@ def test_matches_float64_reference(getkey, kwargs):
             alpha=eam.alpha_scheduler(alpha, warmup=t_alpha) if t_alpha else alpha,
             **kwargs,
         )
-        got, state = _run_module(opt, jnp.asarray(theta0, jnp.float64), grads)
+        got, state = run_module(opt, jnp.asarray(theta0, jnp.float64), grads)
         np.testing.assert_allclose(
             np.stack(got), np.stack(expected), rtol=1e-10, atol=1e-12
         )
@@ -104,10 +89,10 @@ def test_matches_float64_reference(getkey, kwargs):
 
 
 def test_float32_close_to_float64_reference(getkey):
-    grads = _grads(getkey, (16,), 200)
+    grads = random_grads(getkey, (16,), 200)
     theta0 = np.asarray(jr.normal(getkey(), (16,)))
     expected, _ = simplified_run(theta0, grads, lr=1e-3, alpha=5.0)
-    got, _ = _run_module(
+    got, _ = run_module(
         eam.SimplifiedAdEMAMix(1e-3, alpha=5.0), jnp.asarray(theta0, jnp.float32), grads
     )
     np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=0, atol=2e-5)
@@ -283,7 +268,7 @@ def test_complex_parameters(getkey):
     grads = [normal() + 1j * normal() for _ in range(30)]
     expected, (_, nu) = simplified_run(theta0, grads, lr=1e-3, alpha=1.0)
     with jax.enable_x64(True):
-        got, state = _run_module(
+        got, state = run_module(
             eam.SimplifiedAdEMAMix(1e-3, alpha=1.0),
             jnp.asarray(theta0, jnp.complex128),
             grads,
