@@ -7,6 +7,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Inexact, Int, PyTree, Real
@@ -24,11 +25,12 @@ from ._packed import packed_init, packed_step
 from ._storage import AbstractMomentStorage, CastStorage, mix_seed
 from ._tree import (
     _is_none,
-    bias_correction,
+    adam_direction,
     compute_dtype,
     ema,
     ema_coefficients,
     ema_of_norm,
+    inverse_bias_correction,
     real_dtype,
     wider_dtype,
 )
@@ -40,7 +42,6 @@ ScalarOrSchedule = Real[ArrayLike, ""] | Schedule
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 # Salts that keep the rounding noise of the three moments of one element apart.
 _M1, _M2, _NU = 1, 2, 3
-_GOLDEN = 0x9E3779B9  # odd: multiplying by it permutes the uint32s
 
 
 class ScaleByAdemamixState(eqx.Module):
@@ -69,19 +70,30 @@ class ScaleByAdemamixState(eqx.Module):
 def moment_seeds(count: Int[Array, ""]) -> Callable[[int], Array]:
     """`seed(salt)`: the stochastic-rounding seed of the moment `salt` at step `count`.
 
-    One hash of the step, then per moment a disjoint range of hash inputs (element
-    index + salt * 2**30). Deliberately not per leaf: a per-leaf constant makes every
+    A hash of the step and the moment, so that the seeds of different moments and
+    steps are independent uniform words (the rounding bits are a Weyl sequence
+    offset by the seed, see `_storage.index_bits`). Each seed is computed once per
+    step, on first use. Deliberately not per leaf: a per-leaf constant makes every
     leaf's kernel distinct, and XLA then compiles each one separately (about 15 ms
     per leaf on CPU; seconds for a few hundred leaves), while leaves of equal shape
     share kernels. Equal indices of equal-shaped leaves thus draw equal bits within
     a step; each element's rounding stays unbiased, which is what EMAs need. Shared
     by the update rules of every optimizer of the package."""
-    step_seed = mix_seed(count)
+    seeds: dict[int, Array] = {}
 
     def seed(salt: int) -> Array:
-        return step_seed + jnp.uint32((salt * 2**30 * _GOLDEN) % 2**32)
+        if salt not in seeds:
+            seeds[salt] = mix_seed(count, salt)
+        return seeds[salt]
 
     return seed
+
+
+def _zero_to_none(x: Float[Array, ""], dtype: Any) -> Array | None:
+    """`x` as a `dtype` scalar, or None if it is a concrete 0 (a term to skip)."""
+    if is_concrete(x) and float(x) == 0:
+        return None
+    return x.astype(dtype)
 
 
 def _saturating_increment(count: Int[Array, ""]) -> Int[Array, ""]:
@@ -451,7 +463,9 @@ class ScaleByAdemamix(AbstractDirection):
         directions = []
         seed = moment_seeds(state.count)
 
-        # Scalars cast once per compute dtype, not once per leaf (trace time).
+        # Scalars cast once per compute dtype, not once per leaf (trace time), and
+        # the bias corrections as reciprocals: a multiply per element instead of a
+        # division (a division costs several multiplies on CPU and GPU alike).
         scalars = {}
         for i, g in enumerate(leaves):
             m1, m2, nu = moments["m1"][i], moments["m2"][i], moments["nu"][i]
@@ -466,33 +480,27 @@ class ScaleByAdemamix(AbstractDirection):
             g = g.astype(dtype)
             if dtype not in scalars:
                 scalars[dtype] = (
-                    bias_correction(self.b2, count, real),
-                    bias_correction(self.b1, count, dtype),
-                    self.eps_root.astype(real),
+                    inverse_bias_correction(self.b2, count, real),
+                    inverse_bias_correction(self.b1, count, dtype),
+                    _zero_to_none(self.eps_root, real),
                     self.eps.astype(real),
                     jnp.asarray(alpha).astype(dtype),
                     ema_coefficients(self.b1, r1, dtype),
                     ema_coefficients(self.b2, r2, real),
                     ema_coefficients(b3, r3, dtype),
                 )
-            correction2, correction1, eps_root, eps, alpha_t, c1, c2, c3 = scalars[
-                dtype
-            ]
+            inv2, inv1, eps_root, eps, alpha_t, c1, c2, c3 = scalars[dtype]
 
-            nu_new = ema_of_norm(g, read(nu).astype(real), self.b2, coefficients=c2)
+            nu_new = ema_of_norm(g, read(nu), self.b2, coefficients=c2)
             nu = write(nu, nu_new, seed(_NU))
-            nu_hat = read(nu).astype(real) / correction2
-            m2_new = ema(g, read(m2).astype(dtype), b3, coefficients=c3)
-            m2 = write(m2, m2_new, seed(_M2))
+            m2 = write(m2, ema(g, read(m2), b3, coefficients=c3), seed(_M2))
             if m1 is None:
                 m1_hat = g
             else:
-                m1_new = ema(g, read(m1).astype(dtype), self.b1, coefficients=c1)
-                m1 = write(m1, m1_new, seed(_M1))
-                m1_hat = read(m1).astype(dtype) / correction1
-            denom = jnp.sqrt(nu_hat + eps_root) + eps
-            mixed = m1_hat + alpha_t * read(m2).astype(dtype)
-            directions.append(mixed / denom.astype(dtype))
+                m1 = write(m1, ema(g, read(m1), self.b1, coefficients=c1), seed(_M1))
+                m1_hat = lax.mul(read(m1).astype(dtype), inv1)
+            mixed = lax.add(m1_hat, lax.mul(alpha_t, read(m2).astype(dtype)))
+            directions.append(adam_direction(mixed, read(nu), inv2, eps_root, eps))
             new["m1"].append(m1)
             new["m2"].append(m2)
             new["nu"].append(nu)
@@ -571,16 +579,22 @@ def descend(
     else:
         params_leaves = treedef.flatten_up_to(params)
         mask_leaves = treedef.flatten_up_to(_full_mask(mask, params))
+    # -lr and weight_decay cast once per dtype, not once per leaf (trace time).
+    scalars: dict[Any, tuple[Array, Array]] = {}
     out = []
     for d, g, p, m in zip(directions, grads, params_leaves, mask_leaves):
         if d is None:
             out.append(None)
             continue
+        if d.dtype not in scalars:
+            neg_lr = lax.neg(jnp.asarray(lr).astype(d.dtype))
+            scalars[d.dtype] = (neg_lr, weight_decay.astype(d.dtype))
+        neg_lr, wd = scalars[d.dtype]
         static = isinstance(m, (bool, np.bool_))
         if decays and not (static and not m):
-            decay = weight_decay.astype(d.dtype) * p.astype(d.dtype)
-            d = d + (decay if static else jnp.where(m, decay, 0))
-        step = -jnp.asarray(lr).astype(d.dtype) * d
+            decay = lax.mul(wd, p.astype(d.dtype))
+            d = lax.add(d, decay if static else jnp.where(m, decay, 0))
+        step = lax.mul(neg_lr, d)
         out.append(step.astype(g.dtype if p is None else p.dtype))
     return treedef.unflatten(out)
 

@@ -21,6 +21,7 @@ from ._ademamix import (
     _check_params,
     _hyperparameter,
     _saturating_increment,
+    _zero_to_none,
     AbstractDescent,
     AbstractDirection,
     check_mu_dtype,
@@ -40,9 +41,10 @@ from ._misc import (
 from ._storage import AbstractMomentStorage, CastStorage
 from ._tree import (
     _is_none,
-    bias_correction,
+    adam_direction,
     compute_dtype,
     ema_of_norm,
+    inverse_bias_correction,
     real_dtype,
     wider_dtype,
 )
@@ -238,24 +240,21 @@ class ScaleBySimplifiedAdemamix(AbstractDirection):
             real = real_dtype(dtype)
             g = g.astype(dtype)
 
-            nu_new = ema_of_norm(
-                g, read(nu).astype(real), self.b2, residual=self.residual_b2
-            )
+            nu_new = ema_of_norm(g, read(nu), self.b2, residual=self.residual_b2)
             nu = write(nu, nu_new, seed(_NU))
-            nu_hat = read(nu).astype(real) / bias_correction(self.b2, count, real)
             if m is None:
                 momentum = g
             else:
-                m = write(
-                    m,
-                    accumulate(g, read(m).astype(dtype), b1),
-                    seed(_M),
-                )
+                m = write(m, accumulate(g, read(m).astype(dtype), b1), seed(_M))
                 momentum = read(m).astype(dtype)
-            eps_root = self.eps_root.astype(real)
-            denom = jnp.sqrt(nu_hat + eps_root) + self.eps.astype(real)
             mixed = momentum + jnp.asarray(alpha).astype(dtype) * g
-            directions.append(mixed / denom.astype(dtype))
+            inverse = inverse_bias_correction(self.b2, count, real)
+            eps_root = _zero_to_none(self.eps_root, real)
+            directions.append(
+                adam_direction(
+                    mixed, read(nu), inverse, eps_root, self.eps.astype(real)
+                )
+            )
             new_m.append(m)
             new_nu.append(nu)
         state = ScaleBySimplifiedAdemamixState(

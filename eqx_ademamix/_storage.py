@@ -10,10 +10,11 @@ Reduced-precision writes use stochastic rounding. With round-to-nearest, a
 bfloat16 EMA with decay 0.9999 stops moving once it is about 40x larger than its
 per-step increment (1 - b3) * g, because every increment is rounded away; rounding
 up or down at random, with the probability that makes the expected value exact,
-keeps the EMA unbiased. The random bits come from a counter-based integer hash of
-the element index and a per-step, per-leaf seed, so no PRNG key lives in the state,
-every replica of a replicated parameter draws the same bits, and the cost is a few
-integer operations per element on any backend.
+keeps the EMA unbiased. The random bits are counter-based: a hash of the step
+and the moment (one scalar per step) offsets a Weyl sequence over the element
+indices. So no PRNG key lives in the state, every replica of a replicated parameter
+draws the same bits, and the cost is two integer operations per element and
+dimension on any backend.
 """
 
 import abc
@@ -51,11 +52,17 @@ def mix_seed(*words: Any) -> UInt32[Array, ""]:
     return h
 
 
-def hash_bits(
+def index_bits(
     shape: tuple[int, ...], seed: UInt32[Array, ""], out_sharding: Any = None
 ) -> UInt32[Array, "..."]:
-    """32 pseudo-random bits per element of `shape`, a function of the flat element
-    index and `seed` only.
+    """`flat_index * 0x9E3779B9 + seed` (mod 2**32) for every element of `shape`:
+    a Weyl sequence over the elements, offset by `seed`.
+
+    For a fixed element, a seed that is a fresh uniform hash of the step makes the
+    word uniform and independent from step to step, which is all that unbiased
+    stochastic rounding of an EMA needs; within a step, the golden-ratio stride
+    spreads the words of neighbouring elements evenly over [0, 2**32) (a
+    low-discrepancy sequence). It costs one integer multiply-add per dimension.
 
     The flat index is the *global* one, assembled from one iota per dimension (no
     reshape), so a sharded array draws the same bits as an unsharded one and each
@@ -65,16 +72,27 @@ def hash_bits(
     would then hash the full array.
     """
     kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
-    index = None
+    words = None
     stride = 1
     for axis in reversed(range(len(shape))):
         iota = lax.broadcasted_iota(jnp.uint32, shape, axis, **kwargs)
-        term = iota * jnp.uint32(stride % 2**32)
-        index = term if index is None else index + term
+        term = iota * jnp.uint32((stride * int(_GOLDEN)) % 2**32)
+        words = term if words is None else words + term
         stride *= shape[axis]
-    if index is None:
-        index = jnp.zeros(shape, jnp.uint32)
-    return _fmix32(index * _GOLDEN + seed)
+    if words is None:
+        words = jnp.zeros(shape, jnp.uint32)
+    return words + seed
+
+
+def hash_bits(
+    shape: tuple[int, ...], seed: UInt32[Array, ""], out_sharding: Any = None
+) -> UInt32[Array, "..."]:
+    """32 pseudo-random bits per element of `shape`: `index_bits` put through
+    MurmurHash3's finaliser, so that every output bit depends on every bit of the
+    element index and the seed (the words of neighbouring elements are then
+    unrelated, not just evenly spread). Used where a few integer operations per
+    element do not matter next to the rest of the work (8-bit block storage)."""
+    return _fmix32(index_bits(shape, seed, out_sharding))
 
 
 def sharding_of(x: Array) -> Any:
@@ -198,7 +216,12 @@ class CastStorage(AbstractMomentStorage):
         seed: UInt32[Array, ""],
     ) -> Inexact[Array, "..."]:
         if needs_stochastic_rounding(stored.dtype) and jnp.isrealobj(value):
-            bits = hash_bits(value.shape, seed, sharding_of(value))
+            # The Weyl words, not the full hash: at a bandwidth of ~100 GB/s on
+            # two CPU cores the finaliser's five integer operations per element
+            # cost 15-20% of a bfloat16 step (benchmarks/RESULTS.md), and the
+            # rounding needs per-element independence across steps (a fresh seed
+            # per step), not across elements.
+            bits = index_bits(value.shape, seed, sharding_of(value))
             return stochastic_round(value, stored.dtype, bits)
         return value.astype(stored.dtype)
 

@@ -94,14 +94,17 @@ def ema(
     if coefficients is None:
         coefficients = ema_coefficients(decay, residual, g.dtype)
     decay, weight = coefficients
-    return decay * m.astype(g.dtype) + weight * g
+    # lax, not jnp operators: the same operations, without the per-call
+    # dispatch that made tracing a 300-leaf step slower than optax's.
+    return lax.add(lax.mul(decay, m.astype(g.dtype)), lax.mul(weight, g))
 
 
 def abs_sq(g: Inexact[Array, "*shape"]) -> Real[Array, "*shape"]:
     """`|g|^2`, real for complex `g`."""
     if jnp.iscomplexobj(g):
-        return jnp.real(g) ** 2 + jnp.imag(g) ** 2
-    return g * g
+        re, im = lax.real(g), lax.imag(g)
+        return lax.add(lax.mul(re, re), lax.mul(im, im))
+    return lax.mul(g, g)
 
 
 def ema_of_norm(
@@ -127,6 +130,33 @@ def bias_correction(
     real = real_dtype(dtype)
     decay = jnp.asarray(decay).astype(real)
     return (1 - decay ** jnp.asarray(count).astype(real)).astype(dtype)
+
+
+def inverse_bias_correction(
+    decay: Real[ArrayLike, ""], count: Int[ArrayLike, ""], dtype: Any
+) -> Inexact[Array, ""]:
+    """`1 / (1 - decay**count)` as a `dtype` scalar: the update rule multiplies by
+    it rather than dividing by `bias_correction` (one division per step instead of
+    one per element; the result differs by at most an ulp)."""
+    real = real_dtype(dtype)
+    return (1 / bias_correction(decay, count, real)).astype(dtype)
+
+
+def adam_direction(
+    numerator: Inexact[Array, "*shape"],
+    nu: Real[Array, "*shape"],
+    inverse_correction: Real[Array, ""],
+    eps_root: Real[Array, ""] | None,
+    eps: Real[Array, ""],
+) -> Inexact[Array, "*shape"]:
+    """`numerator / (sqrt(nu * inverse_correction + eps_root) + eps)`: Adam's
+    normalisation by the bias-corrected second moment, in `numerator`'s dtype.
+    `nu` is cast to the real dtype of the scalars; `eps_root=None` means 0."""
+    nu_hat = lax.mul(nu.astype(inverse_correction.dtype), inverse_correction)
+    if eps_root is not None:
+        nu_hat = lax.add(nu_hat, eps_root)
+    denom = lax.add(lax.sqrt(nu_hat), eps)
+    return lax.div(numerator, denom.astype(numerator.dtype))
 
 
 def tree_cast(tree: PyTree, dtype: Any | None) -> PyTree:

@@ -107,6 +107,29 @@ def test_stochastic_round_bf16_is_symmetric(getkey):
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cast_storage_rounds_each_element_without_bias_across_steps(getkey, dtype):
+    """What an EMA needs of the optimizer's storage: for a fixed element, the writes
+    of successive steps (seeds from the step counter, as the update rule makes
+    them) average to the value written. Checked on equal values in every element,
+    where nothing but the element index varies the bits, and on random values."""
+    same = jnp.full((64,), 0.7001, jnp.float32)
+    mixed = jax.random.uniform(getkey(), (64,), jnp.float32, -3.0, 3.0)
+    x = jnp.concatenate([same, mixed]).reshape(8, 16)  # a 2-D leaf
+    stored = jnp.zeros(x.shape, dtype)
+    n = 4000
+    seeds = jax.vmap(lambda t: mix_seed(t, 2))(jnp.arange(n))
+    draws = jax.vmap(lambda s: eam.CastStorage().write(stored, x, s))(seeds)
+    assert draws.dtype == jnp.dtype(dtype)
+    draws = np.asarray(draws.astype(jnp.float32), np.float64).reshape(n, -1)
+    x64 = np.asarray(x, np.float64).reshape(-1)
+    spacing = np.maximum(draws.max(axis=0) - draws.min(axis=0), 1e-30)
+    err = np.abs(draws.mean(axis=0) - x64)
+    assert np.all(err < 5 * spacing / (2 * np.sqrt(n))), (err / spacing).max()
+    # Every element does round both ways (x is not representable in `dtype`).
+    assert np.all(draws.max(axis=0) > draws.min(axis=0))
+
+
 # --------------------------------------------------------------------------------
 # The bf16 optimizer path over long runs
 
@@ -127,8 +150,10 @@ def _direction_after(opt, grad_fn, params, steps):
     return run(opt)
 
 
-def _constant_gradient_run(opt, n=2048, steps=20_000):
+def _constant_gradient_run(opt, n=2048, steps=20_000, equal=False):
     g = jnp.linspace(0.5, 1.5, n, dtype=jnp.float32)
+    if equal:
+        g = jnp.full((n,), 0.7, jnp.float32)
     direction, state = _direction_after(opt, lambda t: g, jnp.zeros(n), steps)
     # Algorithm 1 in float64 with a constant gradient g > 0: m1_hat = g, nu_hat = g^2,
     # m2 = (1 - b3^T) g, so the direction is 1 + alpha (1 - b3^T) (up to eps).
@@ -138,9 +163,12 @@ def _constant_gradient_run(opt, n=2048, steps=20_000):
     return np.asarray(direction, np.float64) / expected, state
 
 
-def test_bf16_constant_gradient_20k_steps_matches_float64():
+@pytest.mark.parametrize("equal", [False, True], ids=["spread", "equal"])
+def test_bf16_constant_gradient_20k_steps_matches_float64(equal):
+    """`equal`: the same gradient in every element, so the element index is all
+    that varies the rounding bits; the mean over elements must still be right."""
     opt = eam.ScaleByAdemamix(B1, B2, B3, ALPHA, eps=EPS, mu_dtype=jnp.bfloat16)
-    ratio, state = _constant_gradient_run(opt)
+    ratio, state = _constant_gradient_run(opt, equal=equal)
     assert state.m1.dtype == state.m2.dtype == jnp.bfloat16
     assert state.nu.dtype == jnp.float32
     assert abs(ratio.mean() - 1) < 0.01, ratio.mean()

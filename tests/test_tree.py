@@ -74,3 +74,25 @@ def test_helpers_are_type_checked():
     """jaxtyping + beartype check the annotations (pytest runs the import hook)."""
     with pytest.raises(Exception):
         eam.tree_bias_correction({"a": jnp.ones(2)}, 0.9, jnp.ones(3))
+
+
+@pytest.mark.parametrize("eps_root", [None, 1e-6])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
+def test_adam_direction_matches_numpy(getkey, dtype, eps_root):
+    from eqx_ademamix._tree import adam_direction, inverse_bias_correction
+
+    num = jax.random.normal(getkey(), (5, 3), dtype)
+    nu = jax.random.uniform(getkey(), (5, 3), jnp.float32, 0.0, 2.0)
+    inverse = inverse_bias_correction(0.999, 7, jnp.float32)
+    # Evaluated on the stored (float32) decay, as optax does.
+    b = float(np.float32(0.999))
+    # `1 - b**7` cancels: float32 gets it to about 1e-5 relative.
+    np.testing.assert_allclose(float(inverse), 1 / (1 - b**7), rtol=3e-5)
+    root = None if eps_root is None else jnp.float32(eps_root)
+    got = adam_direction(num, nu, inverse, root, jnp.float32(1e-8))
+    assert got.dtype == jnp.dtype(dtype)
+    nu_hat = np.asarray(nu, np.float64) / (1 - b**7)
+    expected = np.asarray(num, np.complex128) / (
+        np.sqrt(nu_hat + (eps_root or 0.0)) + 1e-8
+    )
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=3e-5)
