@@ -24,6 +24,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Inexact, PyTree, Shaped, UInt32
 
 from ._tree import compute_dtype
@@ -71,17 +72,18 @@ def index_bits(
     explicit axes, where an iota without it would be replicated: every device
     would then hash the full array.
     """
+    # lax, not jnp operators: this runs for every 16-bit moment leaf at trace time.
     kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
     words = None
     stride = 1
     for axis in reversed(range(len(shape))):
         iota = lax.broadcasted_iota(jnp.uint32, shape, axis, **kwargs)
-        term = iota * jnp.uint32((stride * int(_GOLDEN)) % 2**32)
-        words = term if words is None else words + term
+        term = lax.mul(iota, np.uint32((stride * int(_GOLDEN)) % 2**32))
+        words = term if words is None else lax.add(words, term)
         stride *= shape[axis]
     if words is None:
         words = jnp.zeros(shape, jnp.uint32)
-    return words + seed
+    return lax.add(words, seed)
 
 
 def hash_bits(
@@ -141,9 +143,11 @@ def stochastic_round(
         # from the old one, and must then copy every donated moment first.
         x = x.astype(jnp.float32)
         word = lax.bitcast_convert_type(x, jnp.uint32)
-        rounded = (word + (bits >> 16)) & jnp.uint32(0xFFFF0000)
-        rounded = jnp.where(x != x, x, lax.bitcast_convert_type(rounded, jnp.float32))
-        return rounded.astype(dtype)
+        noise = lax.shift_right_logical(bits, np.uint32(16))
+        rounded = lax.bitwise_and(lax.add(word, noise), np.uint32(0xFFFF0000))
+        rounded = lax.bitcast_convert_type(rounded, jnp.float32)
+        rounded = lax.select(lax.ne(x, x), x, rounded)
+        return lax.convert_element_type(rounded, dtype)
     # Any other narrow dtype: pick between the two neighbours of x.
     nearest = x.astype(dtype)
     near = nearest.astype(x.dtype)
