@@ -203,10 +203,15 @@ class CastStorage(AbstractMomentStorage):
 
     def init(self, like: Inexact[Array, "..."], dtype: Any, signed: bool) -> Array:
         del signed
-        # Zeros computed *from* the parameter, so that they take its sharding:
-        # eagerly, and under `jit` on meshes with explicit or automatic axes (a
-        # plain `zeros_like` is a constant to XLA's sharding propagation, and comes
-        # out replicated on automatic meshes). `|x| * 0` is +0.0 for finite x.
+        if not isinstance(like, jax.core.Tracer):
+            # Eagerly, `zeros_like` takes a concrete array's sharding and allocates
+            # just the result (the formula below would allocate temporaries).
+            return jnp.zeros_like(like, dtype)
+        # Under `jit`, zeros computed *from* the parameter, so that they take its
+        # sharding on meshes with explicit or automatic axes (a plain `zeros_like`
+        # is a constant to XLA's sharding propagation, and comes out replicated on
+        # automatic meshes). `|x| * 0` is +0.0 for finite x. XLA fuses this into
+        # the kernel that writes the zeros: no temporaries.
         zeros = jnp.where(jnp.isfinite(like), jnp.abs(like) * 0, 0)
         return zeros.astype(dtype)
 
