@@ -12,7 +12,10 @@ from typing import Any
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Inexact, Int, PyTree, Real
+
+from ._misc import is_concrete
 
 
 def _is_none(x: Any) -> bool:
@@ -59,6 +62,11 @@ def complement(decay: Real[ArrayLike, ""], residual: float, dtype: Any) -> Array
     float32, plain `1 - b3` is 1.00017e-4, 1.7e-4 away from the intended 1e-4.
     """
     dtype = real_dtype(dtype)
+    if is_concrete(decay) and jnp.ndim(decay) == 0:
+        # Known now: in float64 on the host, `(1 - decay) - residual` rounds once,
+        # to the same value, and XLA sees a plain constant.
+        stored = np.float64(np.asarray(decay).astype(dtype))
+        return jnp.asarray(np.asarray((1 - stored) - residual, dtype))
     exact = 1 - jnp.asarray(decay).astype(dtype)
     if residual == 0:
         return exact
