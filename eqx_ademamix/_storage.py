@@ -45,12 +45,17 @@ def _fmix32(h: UInt32[Array, "*shape"]) -> UInt32[Array, "*shape"]:
 
 
 def mix_seed(*words: Any) -> UInt32[Array, ""]:
-    """Hash integers (Python ints or integer scalars) into one uint32 seed."""
-    h = jnp.uint32(0)
+    """Hash integers (Python ints or integer scalars) into one uint32 seed.
+
+    The words are combined as `(w0 * G + w1) * G + ...` (G the golden-ratio odd
+    constant), which keeps small words (a step, a moment, a leaf index) apart, and
+    the combination is hashed once: the seed is computed at every step, and XLA
+    repeats its scalar code in the kernel of every leaf that uses it."""
+    h = None
     for word in words:
         word = jnp.asarray(word).astype(jnp.uint32)
-        h = _fmix32(h * _GOLDEN + word)
-    return h
+        h = word if h is None else h * _GOLDEN + word
+    return _fmix32(jnp.uint32(0) if h is None else h)
 
 
 def index_bits(
