@@ -338,7 +338,9 @@ class ScaleByAdemamix(AbstractDirection):
           `nu` always has the parameter's (real) dtype.
         - `packed`: store each moment as one flat buffer per parameter dtype
           instead of one array per parameter (see [`eqx_ademamix.PackedLayout`][]):
-          much less per-step overhead for models of many small arrays.
+          much less per-step overhead for models of many small arrays, for a
+          somewhat slower first compile (one kernel per small array; see the
+          performance guide).
         - `quantized`: how the moments are stored, e.g.
           [`eqx_ademamix.Blockwise8Bit`][]`()` for 8-bit state (a quarter of the
           memory). Default `None`: plain arrays ([`eqx_ademamix.CastStorage`][]).
