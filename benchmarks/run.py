@@ -214,14 +214,6 @@ def jax_impls(selected: set[str] | None = None) -> list[JaxImpl]:
             del seed
             return value.astype(stored.dtype)
 
-    def nearest_impl(name):
-        opt = eam.AdEMAMix(
-            LR, B1, B2, B3, ALPHA, eps=EPS, weight_decay=WD, mu_dtype=jnp.bfloat16
-        )
-        opt = eqx.tree_at(lambda o: o.scale.storage, opt, NearestStorage())
-        step = transformation_step(opt.update, eqx.apply_updates)
-        return JaxImpl(name, opt.init, step, True, "eqx_ademamix")
-
     ademamix = optax.contrib.ademamix(LR, B1, B2, B3, ALPHA, eps=EPS, weight_decay=WD)
     impls = [
         JaxImpl("floor f32 (donated)", floor_init, floor_step, True, "floor"),
@@ -245,7 +237,13 @@ def jax_impls(selected: set[str] | None = None) -> list[JaxImpl]:
         eam_impl(
             "eqx_ademamix bf16 (donated)", True, "eqx_ademamix", mu_dtype=jnp.bfloat16
         ),
-        nearest_impl("eqx_ademamix bf16, round-to-nearest writes (biased; reference)"),
+        eam_impl(
+            "eqx_ademamix bf16, round-to-nearest writes (biased; reference)",
+            True,
+            "eqx_ademamix",
+            mu_dtype=jnp.bfloat16,
+            quantized=NearestStorage(),
+        ),
         eam_impl("eqx_ademamix packed (donated)", True, "eqx_ademamix", packed=True),
         eam_impl(
             "eqx_ademamix packed bf16 (donated)",
