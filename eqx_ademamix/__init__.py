@@ -1,8 +1,7 @@
 """AdEMAMix for JAX, the Equinox way."""
 
+from . import internal as internal
 from ._ademamix import (
-    AbstractDescent as AbstractDescent,
-    AbstractDirection as AbstractDirection,
     AdEMAMix as AdEMAMix,
     ScaleByAdemamix as ScaleByAdemamix,
     ScaleByAdemamixState as ScaleByAdemamixState,
@@ -15,12 +14,29 @@ from ._checkpoint import (
     save_checkpoint as save_checkpoint,
     save_leaves as save_leaves,
 )
+from ._direction import (
+    AbstractAdamDirection as AbstractAdamDirection,
+    AbstractDirection as AbstractDirection,
+    MomentSpec as MomentSpec,
+)
 from ._faults import (
     SkipNonFinite as SkipNonFinite,
     SkipNonFiniteState as SkipNonFiniteState,
 )
-from ._optax import ademamix as ademamix, scale_by_ademamix as scale_by_ademamix
-from ._packed import PackedBuffers as PackedBuffers, PackedLayout as PackedLayout
+from ._layout import (
+    AbstractLayout as AbstractLayout,
+    Packed as Packed,
+    PackedBuffers as PackedBuffers,
+    PackedLayout as PackedLayout,
+    PerLeaf as PerLeaf,
+)
+from ._optax import (
+    ademamix as ademamix,
+    scale_by_ademamix as scale_by_ademamix,
+    scale_by_simplified_ademamix as scale_by_simplified_ademamix,
+    simplified_ademamix as simplified_ademamix,
+)
+from ._optimizer import AbstractOptimizer as AbstractOptimizer
 from ._quantize import (
     Blockwise8Bit as Blockwise8Bit,
     Blockwise8BitArray as Blockwise8BitArray,
@@ -34,13 +50,12 @@ from ._schedules import (
 )
 from ._sharding import state_shardings as state_shardings
 from ._simplified import (
-    scale_by_simplified_ademamix as scale_by_simplified_ademamix,
     ScaleBySimplifiedAdemamix as ScaleBySimplifiedAdemamix,
     ScaleBySimplifiedAdemamixState as ScaleBySimplifiedAdemamixState,
-    simplified_ademamix as simplified_ademamix,
     SimplifiedAdEMAMix as SimplifiedAdEMAMix,
 )
 from ._storage import (
+    AbstractEncodedArray as AbstractEncodedArray,
     AbstractMomentStorage as AbstractMomentStorage,
     CastStorage as CastStorage,
 )
@@ -60,10 +75,13 @@ from ._tree import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AbstractDescent",
+    "AbstractAdamDirection",
     "AbstractDirection",
+    "AbstractEncodedArray",
     "AbstractGradientTransformation",
+    "AbstractLayout",
     "AbstractMomentStorage",
+    "AbstractOptimizer",
     "AbstractWarmupSchedule",
     "AdEMAMix",
     "AlphaSchedule",
@@ -71,8 +89,11 @@ __all__ = [
     "Blockwise8Bit",
     "Blockwise8BitArray",
     "CastStorage",
+    "MomentSpec",
+    "Packed",
     "PackedBuffers",
     "PackedLayout",
+    "PerLeaf",
     "ScaleByAdemamix",
     "ScaleByAdemamixState",
     "ScaleBySimplifiedAdemamix",

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from ._tree import _is_none
+from ._tree import is_none as _is_none
 
 
 _FORMAT = "eqx_ademamix-checkpoint-v1"

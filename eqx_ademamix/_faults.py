@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, PyTree
 
-from ._ademamix import _saturating_increment
 from ._base import AbstractGradientTransformation
+from ._direction import saturating_increment as _saturating_increment
 
 
 class SkipNonFiniteState(eqx.Module):

@@ -1,12 +1,18 @@
-"""The seed code's functional API: `ademamix` and `scale_by_ademamix`, returning
-`optax.GradientTransformation`s built from the typed modules."""
+"""The functional API: `ademamix`, `scale_by_ademamix` (the original
+implementation's names and arguments), `simplified_ademamix` and
+`scale_by_simplified_ademamix` (optax.contrib's), each returning an
+`optax.GradientTransformationExtraArgs` built from the typed modules. Each accepts
+every option the modules accept (layout, storage)."""
 
 from typing import Any
 
 import optax
 from jaxtyping import ArrayLike, Real
 
-from ._ademamix import AdEMAMix, ScalarOrSchedule, ScaleByAdemamix, Schedule
+from ._ademamix import AdEMAMix, ScaleByAdemamix
+from ._direction import ScalarOrSchedule, Schedule
+from ._layout import AbstractLayout
+from ._simplified import ScaleBySimplifiedAdemamix, SimplifiedAdEMAMix
 from ._storage import AbstractMomentStorage
 
 
@@ -26,15 +32,19 @@ def ademamix(
     quantized: AbstractMomentStorage | None = None,
     *,
     learning_rate: ScalarOrSchedule | None = None,
+    packed: bool | None = None,
+    layout: AbstractLayout | None = None,
+    storage: AbstractMomentStorage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdEMAMix as an optax transformation, with the seed code's arguments.
+    """AdEMAMix as an optax transformation, with the original implementation's
+    arguments.
 
     Equivalent to `eqx_ademamix.AdEMAMix(learning_rate=lr, ...).to_optax()`; see
-    [`eqx_ademamix.AdEMAMix`][] for the algorithm and the arguments. Works with
-    `optax.chain`, `optax.inject_hyperparams(eqx_ademamix.ademamix)` and
-    `optax.MultiSteps`.
+    [`eqx_ademamix.AdEMAMix`][] for the algorithm and the arguments (`packed`,
+    `layout`, `storage`, `quantized` included). Works with `optax.chain`,
+    `optax.inject_hyperparams(eqx_ademamix.ademamix)` and `optax.MultiSteps`.
 
-    The learning rate is `lr` (the seed code's name); `learning_rate=` (the name
+    The learning rate is `lr` (the original name); `learning_rate=` (the name
     `optax.contrib.ademamix` uses) is accepted too. Pass exactly one of them.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
@@ -58,7 +68,10 @@ def ademamix(
         weight_decay=weight_decay,
         mask=mask,
         mu_dtype=mu_dtype,
+        packed=packed,
         quantized=quantized,
+        layout=layout,
+        storage=storage,
     ).to_optax()
 
 
@@ -73,9 +86,13 @@ def scale_by_ademamix(
     eps_root: Real[ArrayLike, ""] = 0.0,
     mu_dtype: Any | None = None,
     quantized: AbstractMomentStorage | None = None,
+    *,
+    packed: bool | None = None,
+    layout: AbstractLayout | None = None,
+    storage: AbstractMomentStorage | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The AdEMAMix direction (no learning rate, no weight decay) as an optax
-    transformation, with the seed code's arguments.
+    transformation, with the original implementation's arguments.
 
     Equivalent to `eqx_ademamix.ScaleByAdemamix(...).to_optax()`. Chain it with
     `optax.add_decayed_weights` and `optax.scale_by_learning_rate` to get the
@@ -94,5 +111,88 @@ def scale_by_ademamix(
         eps=eps,
         eps_root=eps_root,
         mu_dtype=mu_dtype,
+        packed=packed,
         quantized=quantized,
+        layout=layout,
+        storage=storage,
+    ).to_optax()
+
+
+def simplified_ademamix(
+    learning_rate: ScalarOrSchedule,
+    b1: ScalarOrSchedule = 0.99,
+    b2: Real[ArrayLike, ""] = 0.95,
+    alpha: ScalarOrSchedule = 0.0,
+    eps: Real[ArrayLike, ""] = 1e-8,
+    eps_root: Real[ArrayLike, ""] = 0.0,
+    weight_decay: Real[ArrayLike, ""] = 0.0,
+    mask: Any = None,
+    mu_dtype: Any | None = None,
+    *,
+    packed: bool | None = None,
+    quantized: AbstractMomentStorage | None = None,
+    layout: AbstractLayout | None = None,
+    storage: AbstractMomentStorage | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Simplified AdEMAMix as an optax transformation, with the arguments of
+    `optax.contrib.simplified_ademamix` (plus `mu_dtype`, layouts and storages;
+    `b1` may be a schedule).
+
+    Equivalent to `eqx_ademamix.SimplifiedAdEMAMix(learning_rate, ...).to_optax()`;
+    see [`eqx_ademamix.SimplifiedAdEMAMix`][] for the algorithm and the arguments.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
+    """
+    return SimplifiedAdEMAMix(
+        learning_rate=learning_rate,
+        b1=b1,
+        b2=b2,
+        alpha=alpha,
+        eps=eps,
+        eps_root=eps_root,
+        weight_decay=weight_decay,
+        mask=mask,
+        mu_dtype=mu_dtype,
+        packed=packed,
+        quantized=quantized,
+        layout=layout,
+        storage=storage,
+    ).to_optax()
+
+
+def scale_by_simplified_ademamix(
+    b1: ScalarOrSchedule = 0.99,
+    b2: Real[ArrayLike, ""] = 0.95,
+    alpha: ScalarOrSchedule = 0.0,
+    eps: Real[ArrayLike, ""] = 1e-8,
+    eps_root: Real[ArrayLike, ""] = 0.0,
+    mu_dtype: Any | None = None,
+    *,
+    packed: bool | None = None,
+    quantized: AbstractMomentStorage | None = None,
+    layout: AbstractLayout | None = None,
+    storage: AbstractMomentStorage | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The Simplified AdEMAMix direction (no learning rate, no weight decay) as an
+    optax transformation, with the arguments of
+    `optax.contrib.scale_by_simplified_ademamix` (plus `mu_dtype`, layouts and
+    storages).
+
+    Equivalent to `eqx_ademamix.ScaleBySimplifiedAdemamix(...).to_optax()`.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
+    """
+    return ScaleBySimplifiedAdemamix(
+        b1=b1,
+        b2=b2,
+        alpha=alpha,
+        eps=eps,
+        eps_root=eps_root,
+        mu_dtype=mu_dtype,
+        packed=packed,
+        quantized=quantized,
+        layout=layout,
+        storage=storage,
     ).to_optax()

@@ -29,8 +29,10 @@ are two consecutive integers; the signed byte 0b1000_0000 (negative zero) is
 never written.
 """
 
+import dataclasses
 import functools
 import math
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -38,9 +40,15 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Float32, Inexact, Int, PyTree, Shaped, UInt8, UInt32
 
-from ._storage import AbstractMomentStorage, CastStorage, hash_bits
+from ._storage import (
+    AbstractEncodedArray,
+    AbstractMomentStorage,
+    hash_bits,
+    zeros_from,
+)
 from ._tree import compute_dtype, real_dtype
 
 
@@ -113,7 +121,7 @@ def code_book(signed: bool) -> np.ndarray:
     return np.concatenate([mags, -mags]) + np.float32(0)  # -0.0 -> 0.0
 
 
-def _lower_code_direct(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*shape"]:
+def lower_code_direct(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*shape"]:
     """The largest magnitude code `c` with `magnitude(c) <= m`, for `m` in [0, 1], in
     O(1) per element: the decimal exponent from `bits` comparisons, the linear
     fraction by inverting its formula; no division, no table lookup.
@@ -142,7 +150,7 @@ def _lower_code_direct(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*sha
     return jnp.clip(code, 0, top)
 
 
-def _lower_code_search(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*shape"]:
+def lower_code_search(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*shape"]:
     """Exactly the largest code `c` with `magnitude(c) <= m`, by a binary search of
     the code book per element (`jnp.searchsorted`); for comparison."""
     table = decode_magnitude(jnp.arange(2**bits, dtype=jnp.int32), bits, m.dtype)
@@ -202,7 +210,7 @@ def quantize_blocks(
     m = jnp.minimum(_divide(magnitude, absmax32.astype(dtype)), 1)
     if not signed:
         m = jnp.where(blocks > 0, m, 0)
-    find = _lower_code_search if search else _lower_code_direct
+    find = lower_code_search if search else lower_code_direct
     low = find(m, n_bits)
     high = jnp.minimum(low + 1, top)
     below = decode_magnitude(low, n_bits, dtype)
@@ -245,7 +253,7 @@ def dequantize_blocks(
     return value * absmax.astype(dtype)[:, None]
 
 
-class Blockwise8BitArray(eqx.Module):
+class Blockwise8BitArray(AbstractEncodedArray):
     """One moment leaf stored in blockwise 8-bit form (see
     [`eqx_ademamix.Blockwise8Bit`][]).
 
@@ -257,6 +265,7 @@ class Blockwise8BitArray(eqx.Module):
     - `dtype`: the dtype reads return (static): the moment's dtype, at least
       float32.
     - `signed`: whether the signed code book is used (static).
+    - `stochastic_rounding`: whether writes round stochastically (static).
     """
 
     codes: UInt8[Array, "blocks block_size"]
@@ -264,6 +273,7 @@ class Blockwise8BitArray(eqx.Module):
     shape: tuple[int, ...] = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
     signed: bool = eqx.field(static=True)
+    stochastic_rounding: bool = eqx.field(static=True, default=True)
 
     @property
     def block_size(self) -> int:
@@ -274,6 +284,92 @@ class Blockwise8BitArray(eqx.Module):
         values = dequantize_blocks(self.codes, self.absmax, self.signed, self.dtype)
         size = math.prod(self.shape)
         return values.reshape(-1)[:size].reshape(self.shape)
+
+    def decode(self) -> Float[Array, "..."]:
+        return self.dequantize()
+
+    def encode(
+        self, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+    ) -> "Blockwise8BitArray":
+        blocks = to_blocks(value.astype(self.dtype), self.block_size)
+        bits = hash_bits(blocks.shape, seed) if self.stochastic_rounding else None
+        codes, absmax = quantize_blocks(blocks, self.signed, bits)
+        return Blockwise8BitArray(
+            codes=codes,
+            absmax=absmax,
+            shape=self.shape,
+            dtype=self.dtype,
+            signed=self.signed,
+            stochastic_rounding=self.stochastic_rounding,
+        )
+
+    def spec(self) -> tuple:
+        return blockwise_spec(
+            self.shape,
+            self.dtype,
+            self.signed,
+            self.block_size,
+            self.stochastic_rounding,
+        )
+
+    def describe(self) -> str:
+        return self.spec()[-1]
+
+    def shardings(self, sharding: Any) -> "Blockwise8BitArray":
+        return dataclasses.replace(
+            self, **dict(zip(("codes", "absmax"), block_shardings(sharding)))
+        )
+
+
+def blockwise_spec(
+    shape: tuple[int, ...],
+    dtype: Any,
+    signed: bool,
+    block_size: int,
+    stochastic_rounding: bool,
+) -> tuple:
+    """The `moment_spec` of a `Blockwise8BitArray` with these static fields."""
+    rounding = "" if stochastic_rounding else ", round-to-nearest"
+    words = (
+        f"8-bit blocks of {block_size} ({'signed' if signed else 'unsigned'}"
+        f"{rounding}) for shape {tuple(shape)}"
+    )
+    return (
+        "Blockwise8BitArray",
+        tuple(int(n) for n in shape),
+        jnp.dtype(dtype).name,
+        bool(signed),
+        int(block_size),
+        bool(stochastic_rounding),
+        words,
+    )
+
+
+def block_shardings(sharding: Any) -> tuple[Any, Any]:
+    """Shardings of `codes` `(blocks, block_size)` and `absmax` `(blocks,)` for a
+    moment whose logical sharding is `sharding`.
+
+    The blocks run over the flattened moment, so a moment sharded along its
+    leading axis gives codes sharded along the block axis, each device holding the
+    blocks of its own rows. A moment sharded along other axes has no such
+    correspondence; its blocks are still sharded over the same mesh axes, so each
+    device stores the same fraction of the state as of the parameter (XLA moves
+    the data the update needs). Anything else is replicated."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding, sharding
+    axes: list[str] = []
+    for entry in sharding.spec:
+        if entry is None:
+            continue
+        axes.extend((entry,) if isinstance(entry, str) else entry)
+    if not axes:
+        replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        return replicated, replicated
+    entry = axes[0] if len(axes) == 1 else tuple(axes)
+    return (
+        NamedSharding(sharding.mesh, PartitionSpec(entry, None)),
+        NamedSharding(sharding.mesh, PartitionSpec(entry)),
+    )
 
 
 def to_blocks(
@@ -350,76 +446,69 @@ class Blockwise8Bit(AbstractMomentStorage):
     stochastic_rounding: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        if (
-            not isinstance(self.block_size, int)
-            or isinstance(self.block_size, bool)
-            or self.block_size < 1
-        ):
-            raise ValueError(
-                f"`block_size` must be a positive integer, got "
-                f"block_size={self.block_size!r}."
-            )
-        if (
-            not isinstance(self.min_size, int)
-            or isinstance(self.min_size, bool)
-            or self.min_size < 0
-        ):
-            raise ValueError(
-                f"`min_size` must be an integer >= 0, got min_size={self.min_size!r}."
-            )
+        for name, low in (("block_size", 1), ("min_size", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"`{name}` must be an integer >= {low}, got {name}={value!r}."
+                )
         if not isinstance(self.stochastic_rounding, bool):
             raise ValueError(
                 "`stochastic_rounding` must be True or False, got "
                 f"stochastic_rounding={self.stochastic_rounding!r}."
             )
 
-    def _quantizes(self, like: Inexact[Array, "..."]) -> bool:
-        return like.size >= max(self.min_size, 1) and not jnp.iscomplexobj(like)
+    def _quantizes(self, shape: tuple[int, ...], dtype: Any) -> bool:
+        return math.prod(shape) >= max(self.min_size, 1) and not jnp.issubdtype(
+            dtype, jnp.complexfloating
+        )
 
     def init(
         self, like: Inexact[Array, "..."], dtype: Any, signed: bool
     ) -> Blockwise8BitArray | Inexact[Array, "..."]:
-        if not self._quantizes(like) or jnp.issubdtype(dtype, jnp.complexfloating):
-            return CastStorage().init(like, dtype, signed)
-        blocks = -(-like.size // self.block_size)
-        return Blockwise8BitArray(
-            codes=jnp.zeros((blocks, self.block_size), jnp.uint8),
-            absmax=jnp.zeros((blocks,), jnp.float32),
-            shape=tuple(like.shape),
-            dtype=compute_dtype(real_dtype(dtype)),
-            signed=signed,
-        )
-
-    def read(
-        self, stored: Blockwise8BitArray | Inexact[Array, "..."]
-    ) -> Inexact[Array, "..."]:
-        if isinstance(stored, Blockwise8BitArray):
-            return stored.dequantize()
-        return CastStorage().read(stored)
-
-    def write(
-        self,
-        stored: Blockwise8BitArray | Inexact[Array, "..."],
-        value: Inexact[Array, "..."],
-        seed: UInt32[Array, ""],
-    ) -> Blockwise8BitArray | Inexact[Array, "..."]:
-        if not isinstance(stored, Blockwise8BitArray):
-            return CastStorage().write(stored, value, seed)
-        blocks = to_blocks(value.astype(stored.dtype), stored.block_size)
-        bits = hash_bits(blocks.shape, seed) if self.stochastic_rounding else None
-        codes, absmax = quantize_blocks(blocks, stored.signed, bits)
+        shape = tuple(like.shape)
+        if not self._quantizes(shape, like.dtype) or not self._quantizes(shape, dtype):
+            return zeros_from(like, dtype)
+        blocks = -(-math.prod(shape) // self.block_size)
+        if isinstance(like, jax.core.Tracer):
+            # Under `jit`: zero codes computed from the parameter, so that they
+            # follow its sharding (see `_storage.zeros_from`).
+            zeros = to_blocks(zeros_from(like, jnp.float32), self.block_size)
+            codes, absmax = zeros.astype(jnp.uint8), jnp.max(zeros, axis=1)
+        else:
+            codes = jnp.zeros((blocks, self.block_size), jnp.uint8)
+            absmax = jnp.zeros((blocks,), jnp.float32)
         return Blockwise8BitArray(
             codes=codes,
             absmax=absmax,
-            shape=stored.shape,
-            dtype=stored.dtype,
-            signed=stored.signed,
+            shape=shape,
+            dtype=compute_dtype(real_dtype(dtype)),
+            signed=signed,
+            stochastic_rounding=self.stochastic_rounding,
         )
 
-    def shape(self, stored: PyTree) -> tuple[int, ...]:
-        if isinstance(stored, Blockwise8BitArray):
-            return stored.shape
-        return CastStorage().shape(stored)
+    def spec(self, like: Any, dtype: Any, signed: bool) -> tuple:
+        shape = tuple(like.shape)
+        if not self._quantizes(shape, like.dtype) or not self._quantizes(shape, dtype):
+            return ("array", tuple(int(n) for n in shape), jnp.dtype(dtype).name)
+        return blockwise_spec(
+            shape,
+            compute_dtype(real_dtype(dtype)),
+            signed,
+            self.block_size,
+            self.stochastic_rounding,
+        )
+
+    def notice(self, shapes: list[tuple[int, ...]]) -> None:
+        sizes = [math.prod(s) for s in shapes]
+        if sizes and max(sizes) < max(self.min_size, 1):
+            warnings.warn(
+                f"Blockwise8Bit(min_size={self.min_size}) stores no moment in 8 bits: "
+                f"the largest has {max(sizes)} elements. Pass min_size={max(sizes)} "
+                "(or less) to quantize it, or drop `quantized=` for plain state.",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def state_bytes(state: PyTree) -> int:

@@ -11,7 +11,10 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from jaxtyping import PyTree
 
 from ._base import AbstractGradientTransformation
-from ._tree import _is_none
+from ._direction import leaves_with_paths
+from ._layout import PackedBuffers, PerLeafPlan, Unit
+from ._storage import AbstractEncodedArray, moment_shape, moment_shardings
+from ._tree import is_none
 
 
 def _init_fn(optimizer: Any) -> Callable:
@@ -109,10 +112,14 @@ def state_shardings(
 ) -> PyTree:
     """The shardings of an optimizer state, derived from the parameters' shardings.
 
-    Every part of the state that has the parameters' structure (AdEMAMix's `m1`,
+    Every part of the state that holds moments of the parameters (AdEMAMix's `m1`,
     `m2`, `nu`; Adam's `mu`, `nu`; the moments inside `optax.chain`s) gets the
-    parameters' shardings, leaf by leaf; everything else (step counters, scalars)
-    is replicated. Use the result as `out_shardings` of a jitted `init` or step,
+    parameters' shardings, leaf by leaf, in every layout and storage: a moment in
+    its parameter's shape takes the parameter's sharding; 8-bit codes and scales
+    are sharded along their block axis over the mesh axes the parameter uses;
+    the packed buffer of small parameters is replicated (it is small), while a
+    large parameter of a packed state keeps its own sharding. Everything else
+    (step counters, scalars) is replicated. Use the result as `out_shardings` of a jitted `init` or step,
     as the target shardings when restoring a checkpoint, or with
     `jax.lax.with_sharding_constraint`.
 
@@ -140,7 +147,7 @@ def state_shardings(
     if isinstance(zero_axes, str):
         zero_axes = (zero_axes,)
     init = _init_fn(optimizer)
-    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_none)
+    paths, leaves, treedef = leaves_with_paths(params)
     if shardings is None:
         sharding_leaves = [None] * len(leaves)
     else:
@@ -151,7 +158,6 @@ def state_shardings(
                 "`shardings` must have the structure of `params`: got "
                 f"{jax.tree.structure(shardings)} for parameters {treedef}."
             ) from e
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params, _is_none)[0]]
     param_shardings = [
         None if leaf is None else _leaf_sharding(path, leaf, sharding)
         for path, leaf, sharding in zip(paths, leaves, sharding_leaves)
@@ -163,37 +169,52 @@ def state_shardings(
     abstract = jax.tree.map(
         lambda x: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype),
         params,
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
     state = eqx.filter_eval_shape(init, abstract)
     shapes = [None if x is None else tuple(x.shape) for x in leaves]
+    per_leaf = PerLeafPlan(leaves)
 
-    def is_params_like(x: Any) -> bool:
-        if jax.tree.structure(x, is_leaf=_is_none) != treedef:
-            return False
-        sub = treedef.flatten_up_to(x)
-        return all(
-            (s is None) == (shape is None) and (s is None or tuple(s.shape) == shape)
-            for s, shape in zip(sub, shapes)
-        )
-
-    def moment(sharding: Sharding | None, leaf: Any) -> Sharding | None:
-        if leaf is None:
-            return None
-        if zero_axes:
-            return _zero_shard(sharding, tuple(leaf.shape), zero_axes)
-        return sharding
-
-    def assign(x: Any) -> Any:
-        if x is not None and is_params_like(x):
-            return treedef.unflatten(
-                [
-                    moment(s, leaf)
-                    for s, leaf in zip(param_shardings, treedef.flatten_up_to(x))
-                ]
-            )
-        if x is None:
-            return None
+    def unit_sharding(unit: Unit, members: list) -> Sharding:
+        # A unit of one parameter in its own shape keeps the parameter's
+        # sharding; a packed buffer of small parameters is replicated.
+        if len(unit.members) == 1 and tuple(unit.shape) == shapes[unit.members[0]]:
+            return members[0]
         return replicated
 
-    return jax.tree.map(assign, state, is_leaf=lambda x: x is None or is_params_like(x))
+    def moments(x: Any) -> Any:
+        """The shardings of `x` if it is a moment tree of these parameters (in any
+        layout and storage), else None."""
+        plan = x.layout if isinstance(x, PackedBuffers) else per_leaf
+        if plan.entries != per_leaf.entries:
+            return None
+        units = plan.unwrap(x, treedef)
+        if units is None or any(
+            not isinstance(u, (jax.ShapeDtypeStruct, jax.Array, AbstractEncodedArray))
+            or moment_shape(u) != tuple(unit.shape)
+            for u, unit in zip(units, plan.units)
+        ):
+            return None
+        out = [
+            moment_shardings(u, s)
+            for u, s in zip(units, plan.map_units(unit_sharding, param_shardings))
+        ]
+        if zero_axes:
+            out = [
+                jax.tree.map(
+                    lambda s, a: _zero_shard(s, tuple(a.shape), zero_axes), o, u
+                )
+                for o, u in zip(out, units)
+            ]
+        return plan.wrap(out, treedef)
+
+    def is_moments(x: Any) -> bool:
+        return x is None or moments(x) is not None
+
+    def assign(x: Any) -> Any:
+        if x is None:
+            return None
+        found = moments(x)
+        return replicated if found is None else found
+
+    return jax.tree.map(assign, state, is_leaf=is_moments)

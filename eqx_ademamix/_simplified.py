@@ -1,68 +1,52 @@
 """Simplified AdEMAMix (Morwani et al., 2025): one momentum buffer that accumulates
 gradients without the `(1 - b1)` factor, mixed with the current gradient.
 
-It shares everything but its two-line rule with AdEMAMix: hyperparameter handling
-and validation (`_misc.py`, `_ademamix.py`), the EMA of the squared gradients and
-its bias correction (`_tree.py`), moment storage with stochastic rounding
-(`_storage.py`), and the learning rate with decoupled weight decay
-(`_ademamix.descend`)."""
+Its state, its per-unit rule and its constructors; everything else (init,
+validation, storage, layout, learning rate and weight decay) is the framework's,
+shared with AdEMAMix (`_direction.py`, `_optimizer.py`)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
-import jax
+import jax.lax as lax
 import jax.numpy as jnp
-import optax
 from jaxtyping import Array, ArrayLike, Float, Inexact, Int, PyTree, Real
 
-from ._ademamix import (
-    _at,
-    _check_params,
-    _hyperparameter,
-    _saturating_increment,
-    _zero_to_none,
-    AbstractDescent,
-    AbstractDirection,
-    check_mu_dtype,
-    flatten_moments,
-    moment_dtype,
-    moment_seeds,
+from ._ademamix import check_decay, scalar_or_schedule
+from ._direction import (
+    AbstractAdamDirection,
+    denominator_floor,
+    MomentSpec,
+    saturating_increment,
     ScalarOrSchedule,
+    value_at,
+    zero_to_none,
 )
-from ._misc import (
-    as_float_scalar,
-    check_finite,
-    check_nonnegative,
-    check_unit_interval,
-    is_concrete,
-    rounding_residual,
-)
-from ._storage import AbstractMomentStorage, CastStorage
+from ._layout import AbstractLayout, as_layout
+from ._misc import as_float_scalar, check_finite, is_concrete, rounding_residual
+from ._optimizer import AbstractOptimizer
+from ._storage import AbstractMomentStorage, as_storage
 from ._tree import (
-    _is_none,
     adam_direction,
-    compute_dtype,
+    ema_coefficients,
     ema_of_norm,
     inverse_bias_correction,
     real_dtype,
-    wider_dtype,
 )
 
 
-# Salts that keep the rounding noise of the two moments of one element apart.
-_M, _NU = 1, 3
-
-
 def accumulate(
-    g: Inexact[Array, "*shape"], m: Inexact[Array, "*shape"], decay: Real[ArrayLike, ""]
+    g: Inexact[Array, "*shape"],
+    m: Inexact[Array, "*shape"],
+    decay: Inexact[ArrayLike, ""],
 ) -> Inexact[Array, "*shape"]:
     """`decay * m + g`, in `g`'s dtype: a momentum that sums, rather than averages,
     the gradients (its steady state under a constant `g` is `g / (1 - decay)`)."""
-    return jnp.asarray(decay).astype(g.dtype) * m.astype(g.dtype) + g
+    return lax.add(lax.mul(jnp.asarray(decay).astype(g.dtype), m.astype(g.dtype)), g)
 
 
-class ScaleBySimplifiedAdemamixState(eqx.Module):
+class ScaleBySimplifiedAdemamixState(NamedTuple):
     """The state of Simplified AdEMAMix.
 
     - `count`: the number of updates so far; drives the bias correction of `nu` and
@@ -72,7 +56,9 @@ class ScaleBySimplifiedAdemamixState(eqx.Module):
       is stored).
     - `nu`: the EMA of the squared gradients.
 
-    The moment trees have the parameters' structure; `None` parameters stay `None`.
+    With the per-leaf layout the moment trees have the parameters' structure
+    (`None` parameters stay `None`); with `eqx_ademamix.Packed` they are
+    `eqx_ademamix.PackedBuffers`. A typed `NamedTuple`, like optax's states.
     """
 
     count: Int[Array, ""]
@@ -80,7 +66,7 @@ class ScaleBySimplifiedAdemamixState(eqx.Module):
     nu: PyTree
 
 
-class ScaleBySimplifiedAdemamix(AbstractDirection):
+class ScaleBySimplifiedAdemamix(AbstractAdamDirection):
     r"""The Simplified AdEMAMix direction, before learning rate and weight decay.
 
     With $g$ the gradient and $t$ the step (counting from 1):
@@ -105,11 +91,12 @@ class ScaleBySimplifiedAdemamix(AbstractDirection):
 
     $\beta_1(t)$ and $\alpha(t)$ may be schedules, evaluated at `count` before the
     increment. Morwani et al. warm $\beta_1$ up from a smaller value over the run,
-    linearly in half-life space: that is [`eqx_ademamix.beta3_scheduler`][], e.g.
+    linearly in half-life space: that is `eqx_ademamix.beta3_scheduler`, e.g.
     `b1=eam.beta3_scheduler(0.999, beta_start=0.9, warmup=num_steps)`.
 
     Arithmetic happens in at least float32; moments keep their dtype (16-bit
-    moments are written with stochastic rounding).
+    moments are written with stochastic rounding). Every storage and layout of
+    the package applies (`storage=`/`quantized=`, `layout=`/`packed=`).
 
     Reference: Morwani, Vyas, Zhang, Kakade, *Connections between Schedule-Free
     Optimizers, AdEMAMix, and Accelerated SGD Variants*, 2025,
@@ -124,9 +111,16 @@ class ScaleBySimplifiedAdemamix(AbstractDirection):
     mu_dtype: Any = eqx.field(static=True)
     use_m: bool = eqx.field(static=True)
     storage: AbstractMomentStorage
+    layout: AbstractLayout
     # What storing b2 as a JAX scalar rounded off its Python value, so that
     # `1 - b2` is exact (see `_tree.complement`). `m` has no `1 - b1` term.
     residual_b2: float = eqx.field(static=True, repr=False)
+
+    state_type: ClassVar[type] = ScaleBySimplifiedAdemamixState
+    moment_specs: ClassVar[tuple[MomentSpec, ...]] = (
+        MomentSpec("m", True, 1),
+        MomentSpec("nu", False, 3),
+    )
 
     def __init__(
         self,
@@ -136,136 +130,89 @@ class ScaleBySimplifiedAdemamix(AbstractDirection):
         eps: Real[ArrayLike, ""] = 1e-8,
         eps_root: Real[ArrayLike, ""] = 0.0,
         mu_dtype: Any | None = None,
+        packed: bool | None = None,
+        quantized: AbstractMomentStorage | None = None,
+        *,
+        layout: AbstractLayout | None = None,
+        storage: AbstractMomentStorage | None = None,
     ):
         """**Arguments:**
 
         - `b1`: decay of the momentum `m`, in [0, 1), or a schedule `step -> b1`
-          (e.g. [`eqx_ademamix.beta3_scheduler`][]). `0` stores no `m`.
+          (e.g. `eqx_ademamix.beta3_scheduler`). `0` stores no `m`.
         - `b2`: decay of the second moment `nu`, in [0, 1).
         - `alpha`: weight of the current gradient, a float or a schedule
           `step -> alpha`.
         - `eps`: added to the denominator outside the square root, >= 0.
-        - `eps_root`: added inside the square root, >= 0.
+        - `eps_root`: added inside the square root, >= 0 (`eps + eps_root > 0`).
         - `mu_dtype`: dtype of `m`; default: each parameter's dtype. `nu` always has
           the parameter's (real) dtype.
+        - `layout`, `packed`, `storage`, `quantized`: as in
+          `eqx_ademamix.ScaleByAdemamix`.
         """
-        self.b1 = _hyperparameter(b1, None, "b1")
-        self.b2 = as_float_scalar(b2)
-        self.alpha = _hyperparameter(alpha, None, "alpha")
-        self.eps = as_float_scalar(eps)
-        self.eps_root = as_float_scalar(eps_root)
-        self.mu_dtype = (
-            None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
+        self.b1 = scalar_or_schedule(b1, None, "b1")
+        self.b2 = as_float_scalar(b2, "b2")
+        self.alpha = scalar_or_schedule(alpha, None, "alpha")
+        self.eps = as_float_scalar(eps, "eps")
+        self.eps_root = as_float_scalar(eps_root, "eps_root")
+        self.mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+        self.use_m = callable(self.b1) or not (
+            is_concrete(self.b1) and float(self.b1) == 0
         )
-        self.use_m = not (
-            not callable(self.b1) and is_concrete(self.b1) and float(self.b1) == 0
-        )
-        self.storage = CastStorage()
+        self.storage = as_storage(storage, quantized)
+        self.layout = as_layout(layout, packed)
         self.residual_b2 = rounding_residual(b2, self.b2)
 
     def __check_init__(self):
         if not callable(self.b1):
-            check_unit_interval("b1", self.b1)
-        check_unit_interval("b2", self.b2)
+            check_decay("b1", self.b1, 0.0)
+        check_decay("b2", self.b2, self.residual_b2)
         if not callable(self.alpha):
             check_finite("alpha", self.alpha)
-        check_nonnegative("eps", self.eps)
-        check_nonnegative("eps_root", self.eps_root)
-        check_mu_dtype(self.mu_dtype)
 
-    def _moment_dtype(self, param: Inexact[Array, "..."], path) -> Any:
-        return moment_dtype(self.mu_dtype, param, path)
+    def _uses(self, name: str) -> bool:
+        return self.use_m or name != "m"
 
-    def init(self, params: PyTree) -> ScaleBySimplifiedAdemamixState:
-        """The initial state: zero moments shaped like `params`, count at 0.
+    def _why_missing(self, name: str) -> str:
+        return "b1 = 0 stores no `m`" if name == "m" else super()._why_missing(name)
 
-        **Arguments:**
+    def _counters(self, state: PyTree | None) -> dict[str, Int[Array, ""]]:
+        if state is None:
+            return {"count": jnp.zeros((), jnp.int32)}
+        return {"count": state.count}
 
-        - `params`: a PyTree of floating or complex arrays (`None` leaves allowed).
+    def _advance(self, state: PyTree) -> dict[str, Int[Array, ""]]:
+        return {"count": saturating_increment(state.count)}
 
-        **Returns:** an [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
-        """
-        _check_params(params)
-
-        def moments(signed: bool, dtype_of: Callable) -> PyTree:
-            return jax.tree_util.tree_map_with_path(
-                lambda path, p: (
-                    None
-                    if p is None
-                    else self.storage.init(p, dtype_of(p, path), signed)
-                ),
-                params,
-                is_leaf=_is_none,
-            )
-
-        return ScaleBySimplifiedAdemamixState(
-            count=jnp.zeros((), jnp.int32),
-            m=moments(True, self._moment_dtype) if self.use_m else None,
-            nu=moments(False, lambda p, _: real_dtype(p.dtype)),
+    def _coefficients(self, state: PyTree, dtype: Any) -> tuple:
+        real = real_dtype(dtype)
+        count = saturating_increment(state.count)
+        return (
+            inverse_bias_correction(self.b2, count, real),
+            zero_to_none(self.eps_root, real),
+            self.eps.astype(real),
+            jnp.asarray(value_at(self.alpha, state.count, "alpha")).astype(dtype),
+            jnp.asarray(value_at(self.b1, state.count, "b1")).astype(dtype),
+            ema_coefficients(self.b2, self.residual_b2, real),
+            denominator_floor(self.eps, self.eps_root, real),
         )
 
-    def _step(
-        self, grads: PyTree, state: ScaleBySimplifiedAdemamixState
-    ) -> tuple[list, Any, ScaleBySimplifiedAdemamixState]:
-        """The update rule. Returns the direction's leaves in compute precision,
-        their treedef, and the new state."""
-        if isinstance(state, ScaleBySimplifiedAdemamixState) and self.use_m != (
-            state.m is not None
-        ):
-            b1 = float(self.b1) if is_concrete(self.b1) else self.b1
-            raise ValueError(
-                f"this optimizer has b1={b1}, but the state "
-                f"{'has no momentum (m=None)' if state.m is None else 'has one'}: "
-                f"it was made by an optimizer with "
-                f"{'b1 = 0' if state.m is None else 'b1 > 0'}."
-            )
-        leaves, treedef, moments = flatten_moments(
-            grads, state, ScaleBySimplifiedAdemamixState, ("m", "nu"), self.storage
-        )
-        read, write = self.storage.read, self.storage.write
-        b1 = _at(self.b1, state.count, "b1")
-        alpha = _at(self.alpha, state.count, "alpha")
-        count = _saturating_increment(state.count)
-        seed = moment_seeds(state.count)  # per moment and step, not per leaf
-        new_m, new_nu, directions = [], [], []
-        for i, g in enumerate(leaves):
-            m, nu = moments["m"][i], moments["nu"][i]
-            if g is None:
-                new_m.append(None)
-                new_nu.append(None)
-                directions.append(None)
-                continue
-            wide = g.dtype if self.mu_dtype is None else self.mu_dtype
-            dtype = compute_dtype(wider_dtype(g.dtype, wide))
-            real = real_dtype(dtype)
-            g = g.astype(dtype)
+    def _moments(self, g: Array, moments: dict, c: tuple) -> dict:
+        *_, b1, c2, _ = c
+        m = moments["m"]
+        return {
+            "m": None if m is None else accumulate(g, m, b1),
+            "nu": ema_of_norm(g, moments["nu"], self.b2, coefficients=c2),
+        }
 
-            nu_new = ema_of_norm(g, read(nu), self.b2, residual=self.residual_b2)
-            nu = write(nu, nu_new, seed(_NU))
-            if m is None:
-                momentum = g
-            else:
-                m = write(m, accumulate(g, read(m).astype(dtype), b1), seed(_M))
-                momentum = read(m).astype(dtype)
-            mixed = momentum + jnp.asarray(alpha).astype(dtype) * g
-            inverse = inverse_bias_correction(self.b2, count, real)
-            eps_root = _zero_to_none(self.eps_root, real)
-            directions.append(
-                adam_direction(
-                    mixed, read(nu), inverse, eps_root, self.eps.astype(real)
-                )
-            )
-            new_m.append(m)
-            new_nu.append(nu)
-        state = ScaleBySimplifiedAdemamixState(
-            count=count,
-            m=treedef.unflatten(new_m) if state.m is not None else None,
-            nu=treedef.unflatten(new_nu),
-        )
-        return directions, treedef, state
+    def _direction(self, g: Array, moments: dict, c: tuple) -> Array:
+        inv2, eps_root, eps, alpha, *_, floor = c
+        momentum = g if moments["m"] is None else moments["m"].astype(g.dtype)
+        mixed = lax.add(momentum, lax.mul(alpha, g))
+        return adam_direction(mixed, moments["nu"], inv2, eps_root, eps, floor)
 
 
-class SimplifiedAdEMAMix(AbstractDescent):
+class SimplifiedAdEMAMix(AbstractOptimizer):
     r"""Simplified AdEMAMix: [`eqx_ademamix.ScaleBySimplifiedAdemamix`][] with
     decoupled weight decay and a learning rate,
 
@@ -314,7 +261,7 @@ class SimplifiedAdEMAMix(AbstractDescent):
     learning_rate: Float[Array, ""] | Callable
     weight_decay: Float[Array, ""]
     mask: Any
-    scale: ScaleBySimplifiedAdemamix
+    direction: ScaleBySimplifiedAdemamix
 
     def __init__(
         self,
@@ -327,79 +274,36 @@ class SimplifiedAdEMAMix(AbstractDescent):
         weight_decay: Real[ArrayLike, ""] = 0.0,
         mask: Any = None,
         mu_dtype: Any | None = None,
+        packed: bool | None = None,
+        quantized: AbstractMomentStorage | None = None,
+        *,
+        layout: AbstractLayout | None = None,
+        storage: AbstractMomentStorage | None = None,
     ):
         """**Arguments:**
 
         - `learning_rate`: a float >= 0, or a schedule `step -> lr` (any optax
           schedule).
-        - `b1`, `b2`, `alpha`, `eps`, `eps_root`, `mu_dtype`: as in
-          [`eqx_ademamix.ScaleBySimplifiedAdemamix`][].
+        - `b1`, `b2`, `alpha`, `eps`, `eps_root`, `mu_dtype`, `layout`, `packed`,
+          `storage`, `quantized`: as in `eqx_ademamix.ScaleBySimplifiedAdemamix`.
         - `weight_decay`: decoupled weight decay $\\lambda \\geq 0$, multiplied by the
           learning rate (as in optax and PyTorch).
         - `mask`: which parameters are decayed: a tree of booleans whose structure
           is a prefix of the parameters', or a callable `params -> such a tree`.
           Default: all.
         """
-        self.learning_rate = (
-            learning_rate if callable(learning_rate) else as_float_scalar(learning_rate)
-        )
-        self.weight_decay = as_float_scalar(weight_decay)
+        self.learning_rate = scalar_or_schedule(learning_rate, None, "learning_rate")
+        self.weight_decay = as_float_scalar(weight_decay, "weight_decay")
         self.mask = mask
-        self.scale = ScaleBySimplifiedAdemamix(
-            b1=b1, b2=b2, alpha=alpha, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype
+        self.direction = ScaleBySimplifiedAdemamix(
+            b1=b1,
+            b2=b2,
+            alpha=alpha,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            packed=packed,
+            quantized=quantized,
+            layout=layout,
+            storage=storage,
         )
-
-
-def simplified_ademamix(
-    learning_rate: ScalarOrSchedule,
-    b1: ScalarOrSchedule = 0.99,
-    b2: Real[ArrayLike, ""] = 0.95,
-    alpha: ScalarOrSchedule = 0.0,
-    eps: Real[ArrayLike, ""] = 1e-8,
-    eps_root: Real[ArrayLike, ""] = 0.0,
-    weight_decay: Real[ArrayLike, ""] = 0.0,
-    mask: Any = None,
-    mu_dtype: Any | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Simplified AdEMAMix as an optax transformation, with the arguments of
-    `optax.contrib.simplified_ademamix` (plus `mu_dtype`; `b1` may be a schedule).
-
-    Equivalent to `eqx_ademamix.SimplifiedAdEMAMix(learning_rate, ...).to_optax()`;
-    see [`eqx_ademamix.SimplifiedAdEMAMix`][] for the algorithm and the arguments.
-
-    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
-    """
-    return SimplifiedAdEMAMix(
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        alpha=alpha,
-        eps=eps,
-        eps_root=eps_root,
-        weight_decay=weight_decay,
-        mask=mask,
-        mu_dtype=mu_dtype,
-    ).to_optax()
-
-
-def scale_by_simplified_ademamix(
-    b1: ScalarOrSchedule = 0.99,
-    b2: Real[ArrayLike, ""] = 0.95,
-    alpha: ScalarOrSchedule = 0.0,
-    eps: Real[ArrayLike, ""] = 1e-8,
-    eps_root: Real[ArrayLike, ""] = 0.0,
-    mu_dtype: Any | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """The Simplified AdEMAMix direction (no learning rate, no weight decay) as an
-    optax transformation, with the arguments of
-    `optax.contrib.scale_by_simplified_ademamix` (plus `mu_dtype`).
-
-    Equivalent to `eqx_ademamix.ScaleBySimplifiedAdemamix(...).to_optax()`.
-
-    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
-    """
-    return ScaleBySimplifiedAdemamix(
-        b1=b1, b2=b2, alpha=alpha, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype
-    ).to_optax()

@@ -1,10 +1,12 @@
-"""How optimizer moments are stored: a strategy that reads a leaf to compute
-precision and writes it back.
-
-The update rule (in `_ademamix.py`) never sees how a moment is stored: it asks the
-storage for a leaf in at least float32, computes, and hands the result back. A new
-kind of storage (8-bit blocks, packed buffers) is a new subclass of
-[`eqx_ademamix.AbstractMomentStorage`][], nothing else.
+"""How optimizer moments are stored: the storage *strategy* (an
+`AbstractMomentStorage`, chosen by the user) decides at `init` how each moment is
+encoded; the stored value then describes itself. It is either a plain array (read
+by casting to at least float32, written by casting back) or an
+`AbstractEncodedArray` (for example 8-bit blocks) that decodes, re-encodes,
+describes and shards itself. So the update rule, the layouts, sharding, checkpoints
+and state conversions handle every storage through the four functions
+`read_moment`, `write_moment`, `moment_spec` and `moment_shardings` below, and a new
+encoding is one new class, nothing else.
 
 Reduced-precision writes use stochastic rounding. With round-to-nearest, a
 bfloat16 EMA with decay 0.9999 stops moving once it is about 40x larger than its
@@ -25,14 +27,17 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Inexact, PyTree, Shaped, UInt32
+from jaxtyping import Array, Inexact, PyTree, UInt32
 
 from ._tree import compute_dtype
 
 
-_M1 = jnp.uint32(0x85EBCA6B)
-_M2 = jnp.uint32(0xC2B2AE35)
-_GOLDEN = jnp.uint32(0x9E3779B9)
+# NumPy, not JAX, constants: importing the package must not start JAX's backend
+# (that would break `jax.distributed.initialize()` or `jax_num_cpu_devices` set
+# after the import).
+_M1 = np.uint32(0x85EBCA6B)
+_M2 = np.uint32(0xC2B2AE35)
+_GOLDEN = np.uint32(0x9E3779B9)
 
 
 def _fmix32(h: UInt32[Array, "*shape"]) -> UInt32[Array, "*shape"]:
@@ -55,7 +60,7 @@ def mix_seed(*words: Any) -> UInt32[Array, ""]:
     for word in words:
         word = jnp.asarray(word).astype(jnp.uint32)
         h = word if h is None else h * _GOLDEN + word
-    return _fmix32(jnp.uint32(0) if h is None else h)
+    return _fmix32(jnp.zeros((), jnp.uint32) if h is None else h)
 
 
 def index_bits(
@@ -165,79 +170,210 @@ def stochastic_round(
     return jnp.where(take_other, other, nearest)
 
 
-class AbstractMomentStorage(eqx.Module):
-    """How an optimizer stores one moment leaf (the first moments `m1`, `m2`, or the
-    second moment `nu`).
+class AbstractEncodedArray(eqx.Module):
+    """A moment stored in an encoding other than a plain array (e.g.
+    [`eqx_ademamix.Blockwise8BitArray`][]).
 
-    The update rule reads each stored leaf into at least float32 with `read`,
-    computes the new moment, and stores it back with `write`. Subclasses decide the
-    representation; they must keep its type, shape and dtype fixed across `write`s
-    so that the state can be a `lax.scan` carry.
+    It knows the logical shape of the moment it holds, decodes itself to compute
+    precision, re-encodes a new value into its own representation (same type,
+    shapes and dtypes, so the state can be a `lax.scan` carry), describes itself
+    for error messages and checkpoints, and derives the shardings of its arrays
+    from the sharding of the logical moment."""
+
+    shape: eqx.AbstractVar[tuple[int, ...]]  # the shape of the moment it encodes
+
+    @abc.abstractmethod
+    def decode(self) -> Inexact[Array, "..."]:
+        """The stored moment, shaped like it, in at least float32."""
+
+    @abc.abstractmethod
+    def encode(
+        self, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+    ) -> "AbstractEncodedArray":
+        """`value` in this representation; `seed` drives stochastic rounding."""
+
+    @abc.abstractmethod
+    def spec(self) -> tuple:
+        """A hashable description: equal for interchangeable representations."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """A short human-readable description, e.g. for mismatch errors."""
+
+    @abc.abstractmethod
+    def shardings(self, sharding: Any) -> "AbstractEncodedArray":
+        """This object with every array replaced by its sharding, given the
+        `sharding` of the logical moment (a `jax.sharding.Sharding`)."""
+
+
+def read_moment(stored: Any) -> Inexact[Array, "..."]:
+    """A stored moment as an array in at least float32."""
+    if isinstance(stored, AbstractEncodedArray):
+        return stored.decode()
+    return stored.astype(compute_dtype(stored.dtype))
+
+
+def write_moment(
+    stored: Any, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+) -> Any:
+    """`value` stored in the representation of `stored`: encoded arrays re-encode;
+    plain arrays of 16-bit floats round stochastically (unbiased), wider ones round
+    to nearest."""
+    if isinstance(stored, AbstractEncodedArray):
+        return stored.encode(value, seed)
+    if needs_stochastic_rounding(stored.dtype) and jnp.isrealobj(value):
+        # The Weyl words, not the full hash: at a bandwidth of ~100 GB/s on
+        # two CPU cores the finaliser's five integer operations per element
+        # cost 15-20% of a bfloat16 step, and the rounding needs per-element
+        # independence across steps (a fresh seed per step), not across
+        # elements.
+        bits = index_bits(value.shape, seed, sharding_of(value))
+        return stochastic_round(value, stored.dtype, bits)
+    return value.astype(stored.dtype)
+
+
+def moment_shape(stored: Any) -> tuple[int, ...]:
+    """The logical shape of a stored moment."""
+    return tuple(stored.shape)
+
+
+def moment_spec(stored: Any) -> tuple:
+    """A hashable description of how a moment is stored (encoding, shape, dtype)."""
+    if isinstance(stored, AbstractEncodedArray):
+        return stored.spec()
+    return ("array", tuple(int(n) for n in stored.shape), jnp.dtype(stored.dtype).name)
+
+
+def describe_spec(spec: tuple) -> str:
+    """`moment_spec`'s tuple as words, for errors."""
+    if spec[0] == "array":
+        return f"a {spec[2]} array of shape {spec[1]}"
+    return spec[-1]
+
+
+def moment_shardings(stored: Any, sharding: Any) -> Any:
+    """The shardings of the arrays of a stored moment, given the sharding of the
+    logical moment."""
+    if isinstance(stored, AbstractEncodedArray):
+        return stored.shardings(sharding)
+    return sharding
+
+
+def zeros_from(like: Inexact[Array, "..."], dtype: Any) -> Inexact[Array, "..."]:
+    """Zeros of `like`'s shape in `dtype`, with `like`'s sharding."""
+    if not isinstance(like, jax.core.Tracer):
+        # Eagerly, `zeros_like` takes a concrete array's sharding and allocates
+        # just the result (the formula below would allocate temporaries).
+        return jnp.zeros_like(like, dtype)
+    # Under `jit`, zeros computed *from* the parameter, so that they take its
+    # sharding on meshes with explicit or automatic axes (a plain `zeros_like`
+    # is a constant to XLA's sharding propagation, and comes out replicated on
+    # automatic meshes). `|x| * 0` is +0.0 for finite x. XLA fuses this into
+    # the kernel that writes the zeros: no temporaries.
+    zeros = jnp.where(jnp.isfinite(like), jnp.abs(like) * 0, 0)
+    return zeros.astype(dtype)
+
+
+class AbstractMomentStorage(eqx.Module):
+    """How an optimizer stores its moments (the first moments `m1`, `m2`, or the
+    second moment `nu`): a strategy that picks, at `init`, the representation of
+    each moment leaf.
+
+    The representation then describes itself (a plain array, or an
+    [`eqx_ademamix.AbstractEncodedArray`][]), so the update rule reads each leaf
+    into at least float32 with `read`, computes the new moment, and stores it back
+    with `write`; the representation's type, shape and dtype never change, so the
+    state can be a `lax.scan` carry. Subclasses implement `init` and `spec`.
     """
 
     @abc.abstractmethod
     def init(self, like: Inexact[Array, "..."], dtype: Any, signed: bool) -> PyTree:
-        """Zeros stored for a moment of `like`'s shape whose values have `dtype`.
-
-        `signed` is False for the second moment, whose values are never negative.
-        """
+        """Zeros stored for a moment of `like`'s shape whose values have `dtype`
+        (with `like`'s sharding). `signed` is False for the second moment, whose
+        values are never negative."""
 
     @abc.abstractmethod
+    def spec(self, like: Any, dtype: Any, signed: bool) -> tuple:
+        """`moment_spec` of what `init(like, dtype, signed)` stores, computed from
+        `like`'s shape and dtype without building it (the update rule checks every
+        state leaf against it)."""
+
+    def notice(self, shapes: list[tuple[int, ...]]) -> None:
+        """Called by `init` with the shapes of all moment units: a storage may warn
+        about a configuration that does nothing (default: nothing)."""
+        del shapes
+
     def read(self, stored: PyTree) -> Inexact[Array, "..."]:
         """The stored moment as an array in at least float32."""
+        return read_moment(stored)
 
-    @abc.abstractmethod
     def write(
         self, stored: PyTree, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
     ) -> PyTree:
         """Store `value` in the representation of `stored`; `seed` drives rounding."""
+        return write_moment(stored, value, seed)
 
-    @abc.abstractmethod
     def shape(self, stored: PyTree) -> tuple[int, ...]:
         """The shape of the moment that `stored` represents."""
+        return moment_shape(stored)
 
 
 class CastStorage(AbstractMomentStorage):
-    """Store each moment as a plain array of a floating dtype.
+    """Store each moment as a plain array of a floating dtype (the optimizer's
+    `mu_dtype` for first moments, the parameter's real dtype for the second).
 
     float32 and wider round to nearest. 16-bit and narrower floats (bfloat16,
     float16) use stochastic rounding, so that slow EMAs stay unbiased; the
     update direction is then computed from the stored (rounded) values, so the
     stored value and the one used are the same.
+
+    `stochastic_rounding=False` rounds 16-bit moments to nearest instead: a
+    reference point for benchmarks, not for training (a bfloat16 EMA with decay
+    0.9999 then stalls far below its value).
     """
+
+    stochastic_rounding: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        if not isinstance(self.stochastic_rounding, bool):
+            raise TypeError(
+                "`stochastic_rounding` must be True or False, got "
+                f"stochastic_rounding={self.stochastic_rounding!r}."
+            )
 
     def init(self, like: Inexact[Array, "..."], dtype: Any, signed: bool) -> Array:
         del signed
-        if not isinstance(like, jax.core.Tracer):
-            # Eagerly, `zeros_like` takes a concrete array's sharding and allocates
-            # just the result (the formula below would allocate temporaries).
-            return jnp.zeros_like(like, dtype)
-        # Under `jit`, zeros computed *from* the parameter, so that they take its
-        # sharding on meshes with explicit or automatic axes (a plain `zeros_like`
-        # is a constant to XLA's sharding propagation, and comes out replicated on
-        # automatic meshes). `|x| * 0` is +0.0 for finite x. XLA fuses this into
-        # the kernel that writes the zeros: no temporaries.
-        zeros = jnp.where(jnp.isfinite(like), jnp.abs(like) * 0, 0)
-        return zeros.astype(dtype)
+        return zeros_from(like, dtype)
 
-    def read(self, stored: Inexact[Array, "..."]) -> Inexact[Array, "..."]:
-        return stored.astype(compute_dtype(stored.dtype))
+    def spec(self, like: Any, dtype: Any, signed: bool) -> tuple:
+        del signed
+        return ("array", tuple(int(n) for n in like.shape), jnp.dtype(dtype).name)
 
     def write(
-        self,
-        stored: Inexact[Array, "..."],
-        value: Inexact[Array, "..."],
-        seed: UInt32[Array, ""],
-    ) -> Inexact[Array, "..."]:
-        if needs_stochastic_rounding(stored.dtype) and jnp.isrealobj(value):
-            # The Weyl words, not the full hash: at a bandwidth of ~100 GB/s on
-            # two CPU cores the finaliser's five integer operations per element
-            # cost 15-20% of a bfloat16 step (benchmarks/RESULTS.md), and the
-            # rounding needs per-element independence across steps (a fresh seed
-            # per step), not across elements.
-            bits = index_bits(value.shape, seed, sharding_of(value))
-            return stochastic_round(value, stored.dtype, bits)
+        self, stored: PyTree, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+    ) -> PyTree:
+        if self.stochastic_rounding or isinstance(stored, AbstractEncodedArray):
+            return write_moment(stored, value, seed)
         return value.astype(stored.dtype)
 
-    def shape(self, stored: Shaped[Array, "..."]) -> tuple[int, ...]:
-        return stored.shape
+
+def as_storage(
+    storage: AbstractMomentStorage | None, quantized: AbstractMomentStorage | None
+) -> AbstractMomentStorage:
+    """The storage of the constructor arguments `storage=` and its older name
+    `quantized=` (default: plain arrays)."""
+    if storage is not None and quantized is not None:
+        raise ValueError(
+            f"got storage={storage} and quantized={quantized}; pass one of them "
+            "(`quantized` is the older name of `storage`)."
+        )
+    chosen = storage if storage is not None else quantized
+    if chosen is None:
+        return CastStorage()
+    if not isinstance(chosen, AbstractMomentStorage):
+        name = "storage" if storage is not None else "quantized"
+        raise TypeError(
+            f"`{name}` must be an eqx_ademamix storage such as "
+            f"eqx_ademamix.Blockwise8Bit(), got {chosen!r:.80}."
+        )
+    return chosen

@@ -9,8 +9,9 @@ import optax
 from jaxtyping import PyTree
 
 from ._ademamix import AdEMAMix, ScaleByAdemamix, ScaleByAdemamixState
-from ._storage import mix_seed
-from ._tree import _is_none, compute_dtype
+from ._direction import leaves_with_paths
+from ._storage import mix_seed, write_moment
+from ._tree import compute_dtype
 
 
 def _is_state(x: Any) -> bool:
@@ -41,12 +42,9 @@ def reset_slow_ema(state: PyTree) -> PyTree:
         if not _is_state(x):
             return x
         found.append(x)
-        return ScaleByAdemamixState(
-            count=x.count,
+        return x._replace(
             count_m2=jnp.zeros_like(x.count_m2),
-            m1=x.m1,
             m2=jax.tree.map(jnp.zeros_like, x.m2),
-            nu=x.nu,
         )
 
     out = jax.tree.map(reset, state, is_leaf=_is_state)
@@ -103,38 +101,37 @@ def state_from_adam(
       `count_m2 = count`.
 
     **Returns:** an [`eqx_ademamix.ScaleByAdemamixState`][] for `optimizer`, with
-    its dtypes (`mu_dtype`) and the shardings of Adam's moments.
+    its dtypes (`mu_dtype`), its storage and layout (packed and 8-bit states
+    included), and the shardings of Adam's moments.
     """
     adam = _find_adam_state(adam_state)
-    scale = optimizer.scale if isinstance(optimizer, AdEMAMix) else optimizer
-    if not isinstance(scale, ScaleByAdemamix):
-        raise ValueError(
+    direction = optimizer.direction if isinstance(optimizer, AdEMAMix) else optimizer
+    if not isinstance(direction, ScaleByAdemamix):
+        raise TypeError(
             "`optimizer` must be an eqx_ademamix.AdEMAMix or ScaleByAdemamix, got "
             f"{optimizer!r:.80}."
         )
-    if getattr(scale, "packed", False):
-        raise ValueError(
-            "state_from_adam builds the per-parameter state layout; construct the "
-            "optimizer with packed=False."
-        )
     # Adam's nu has the parameters' structure, shapes and dtypes.
-    template = scale.init(adam.nu)
+    template = direction.init(adam.nu)
     count = jnp.asarray(adam.count).astype(jnp.int32)
-    storage = scale.storage
-    nu_def = jax.tree.structure(template.nu, is_leaf=_is_none)
-
-    def carry(stored: Any, value: Any, salt: int, i: int) -> Any:
-        if stored is None:
-            return None
-        value = jnp.asarray(value)
-        value = value.astype(compute_dtype(value.dtype))
-        return storage.write(stored, value, mix_seed(count, i, salt, 7))
+    _, leaves, treedef = leaves_with_paths(adam.nu)
+    plan = direction.layout.plan(leaves)
 
     def fill(name: str, source: PyTree, salt: int) -> PyTree:
-        stored = nu_def.flatten_up_to(getattr(template, name))
-        values = nu_def.flatten_up_to(source)
-        return nu_def.unflatten(
-            [carry(s, v, salt, i) for i, (s, v) in enumerate(zip(stored, values))]
+        """Adam's moment `source` written into the storage and layout of the
+        template's moment `name`."""
+        stored = plan.unwrap(getattr(template, name), treedef)
+        values = plan.pack(treedef.flatten_up_to(source))
+        return plan.wrap(
+            [
+                write_moment(
+                    s,
+                    jnp.asarray(v).astype(compute_dtype(jnp.asarray(v).dtype)),
+                    mix_seed(count, i, salt, 7),
+                )
+                for i, (s, v) in enumerate(zip(stored, values))
+            ],
+            treedef,
         )
 
     return ScaleByAdemamixState(

@@ -18,14 +18,15 @@ from jaxtyping import Array, ArrayLike, Inexact, Int, PyTree, Real
 from ._misc import is_concrete
 
 
-def _is_none(x: Any) -> bool:
+def is_none(x: Any) -> bool:
+    """Whether `x` is `None` (the `is_leaf` that keeps `None` leaves)."""
     return x is None
 
 
 def tree_map_none(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
     """`jax.tree.map` that keeps `None` leaves (as `eqx.filter` makes) as `None`."""
     return jax.tree.map(
-        lambda x, *xs: None if x is None else fn(x, *xs), tree, *rest, is_leaf=_is_none
+        lambda x, *xs: None if x is None else fn(x, *xs), tree, *rest, is_leaf=is_none
     )
 
 
@@ -90,7 +91,7 @@ def ema_coefficients(
 def ema(
     g: Inexact[Array, "*shape"],
     m: Inexact[Array, "*shape"],
-    decay: Real[ArrayLike, ""],
+    decay: Real[ArrayLike, ""] | None,
     residual: float = 0.0,
     coefficients: tuple[Inexact[Array, ""], Inexact[Array, ""]] | None = None,
 ) -> Inexact[Array, "*shape"]:
@@ -98,7 +99,7 @@ def ema(
 
     `residual` is the part of the decay that its stored dtype cut off (see
     `complement`); `coefficients`, if given, are `ema_coefficients(decay, residual,
-    g.dtype)` computed beforehand."""
+    g.dtype)` computed beforehand (then `decay` is not read and may be None)."""
     if coefficients is None:
         coefficients = ema_coefficients(decay, residual, g.dtype)
     decay, weight = coefficients
@@ -156,14 +157,18 @@ def adam_direction(
     inverse_correction: Real[Array, ""],
     eps_root: Real[Array, ""] | None,
     eps: Real[Array, ""],
+    floor: Real[Array, ""] | None = None,
 ) -> Inexact[Array, "*shape"]:
     """`numerator / (sqrt(nu * inverse_correction + eps_root) + eps)`: Adam's
     normalisation by the bias-corrected second moment, in `numerator`'s dtype.
-    `nu` is cast to the real dtype of the scalars; `eps_root=None` means 0."""
+    `nu` is cast to the real dtype of the scalars; `eps_root=None` means 0; a
+    `floor` bounds the denominator from below (so that 0/0 is 0, not NaN)."""
     nu_hat = lax.mul(nu.astype(inverse_correction.dtype), inverse_correction)
     if eps_root is not None:
         nu_hat = lax.add(nu_hat, eps_root)
     denom = lax.add(lax.sqrt(nu_hat), eps)
+    if floor is not None:
+        denom = lax.max(denom, floor)
     return lax.div(numerator, denom.astype(numerator.dtype))
 
 

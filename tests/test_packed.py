@@ -11,7 +11,8 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
-from eqx_ademamix._packed import PACK_MAX_SIZE, PackedBuffers
+from eqx_ademamix import PackedBuffers
+from eqx_ademamix.internal import PACK_MAX_SIZE
 
 from .conftest import tree_allclose, tree_dtypes
 from .reference import ademamix_run

@@ -15,15 +15,16 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from eqx_ademamix._quantize import (
-    _lower_code_direct,
-    _lower_code_search,
+from eqx_ademamix.internal import (
     code_book,
     dequantize_blocks,
+    hash_bits,
+    lower_code_direct,
+    lower_code_search,
     magnitudes,
+    mix_seed,
     quantize_blocks,
 )
-from eqx_ademamix._storage import hash_bits, mix_seed
 from hypothesis import given, settings
 
 
@@ -110,7 +111,7 @@ def _check_inversion(m, signed):
 @eqx.filter_jit
 def _both_inversions(m, signed):
     bits = 7 if signed else 8
-    return _lower_code_direct(m, bits), _lower_code_search(m, bits)
+    return lower_code_direct(m, bits), lower_code_search(m, bits)
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -315,7 +315,7 @@ def test_bad_inputs():
         opt.update({"w": jnp.ones(3)}, state)
     with pytest.raises(ValueError, match="shape"):
         opt.update({"w": jnp.ones(4)}, state, {"w": jnp.ones(4)})
-    with pytest.raises(ValueError, match="structure"):
+    with pytest.raises(ValueError, match="does not match"):
         opt.update({"v": jnp.ones(3)}, state, {"v": jnp.ones(3)})
     with pytest.raises(TypeError, match="ScaleBySimplifiedAdemamixState"):
         opt.update({"w": jnp.ones(3)}, eam.AdEMAMix().init({"w": jnp.ones(3)}))

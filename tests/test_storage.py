@@ -17,7 +17,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from eqx_ademamix._storage import hash_bits, mix_seed, stochastic_round
+from eqx_ademamix.internal import hash_bits, mix_seed, stochastic_round
 
 
 B1, B2, B3, ALPHA, EPS = 0.9, 0.999, 0.9999, 5.0, 1e-8

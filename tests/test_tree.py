@@ -79,7 +79,7 @@ def test_helpers_are_type_checked():
 @pytest.mark.parametrize("eps_root", [None, 1e-6])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
 def test_adam_direction_matches_numpy(getkey, dtype, eps_root):
-    from eqx_ademamix._tree import adam_direction, inverse_bias_correction
+    from eqx_ademamix.internal import adam_direction, inverse_bias_correction
 
     num = jax.random.normal(getkey(), (5, 3), dtype)
     nu = jax.random.uniform(getkey(), (5, 3), jnp.float32, 0.0, 2.0)
