@@ -187,8 +187,12 @@ def bench_workload(args, progress) -> dict:
 def bench_quantizer(args, progress) -> dict:
     import jax
     import jax.numpy as jnp
-    from eqx_ademamix._quantize import dequantize_blocks, quantize_blocks
-    from eqx_ademamix._storage import hash_bits, mix_seed
+    from eqx_ademamix.internal import (
+        dequantize_blocks,
+        hash_bits,
+        mix_seed,
+        quantize_blocks,
+    )
 
     rows = 512 if args.quick else 32768  # 8.4M elements
     x = jax.random.normal(jax.random.key(0), (rows, 256))
@@ -252,8 +256,12 @@ def bench_m1(args, progress) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from eqx_ademamix._quantize import dequantize_blocks, quantize_blocks
-    from eqx_ademamix._storage import hash_bits, mix_seed
+    from eqx_ademamix.internal import (
+        dequantize_blocks,
+        hash_bits,
+        mix_seed,
+        quantize_blocks,
+    )
 
     n, steps, b1 = 4096, (200 if args.quick else 2000), 0.9
     k1, k2, k3 = jax.random.split(jax.random.key(42), 3)

@@ -1196,7 +1196,7 @@ def report_sections(
             "jax.jit); in parentheses: time / per-leaf state time (paired). `all "
             "leaves in one buffer` packs every leaf whatever its size, which shows "
             "what packing costs on large leaves; `packed=True` keeps leaves above "
-            "`eqx_ademamix._packed.PACK_MAX_SIZE` elements on their own.",
+            "`eqx_ademamix.Packed().max_size` elements on their own.",
             "",
             "| elements per leaf | " + " | ".join(names) + " |",
             "|---" * (len(names) + 1) + "|",

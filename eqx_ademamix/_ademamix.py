@@ -23,6 +23,7 @@ from ._direction import (
 )
 from ._layout import AbstractLayout, as_layout
 from ._misc import (
+    as_dtype,
     as_float_scalar,
     check_finite,
     check_unit_interval,
@@ -193,7 +194,7 @@ class ScaleByAdemamix(AbstractAdamDirection):
         self.alpha = scalar_or_schedule(alpha, alpha_scheduler, "alpha")
         self.eps = as_float_scalar(eps, "eps")
         self.eps_root = as_float_scalar(eps_root, "eps_root")
-        self.mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+        self.mu_dtype = as_dtype(mu_dtype)
         self.use_m1 = not (is_concrete(self.b1) and float(self.b1) == 0)
         self.storage = as_storage(storage, quantized)
         self.layout = as_layout(layout, packed)

@@ -85,10 +85,29 @@ def is_params_placeholder(params: Any) -> bool:
     return placeholder is not None and isinstance(params, placeholder)
 
 
+def is_array_wrapper(x: Any) -> bool:
+    """Whether `x` wraps one array as a pytree node (e.g. a Flax NNX `Variable`):
+    it has a shape and a dtype and converts to an array, but is not one."""
+    return (
+        hasattr(x, "__jax_array__")
+        and hasattr(x, "shape")
+        and hasattr(x, "dtype")
+        and not isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
+    )
+
+
 def leaves_with_paths(tree: PyTree) -> tuple[list, list, Any]:
-    """`(paths, leaves, treedef)` of `tree`, `None` leaves kept."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
-    return [p for p, _ in flat], [x for _, x in flat], treedef
+    """`(paths, leaves, treedef)` of `tree`, `None` leaves kept.
+
+    Array wrappers (Flax NNX passes `init` the parameters as `Variable`s and
+    `update` plain arrays) count as leaves and are unwrapped, so the state's
+    moment trees hold moments where the parameters hold arrays, never wrappers
+    around them."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is None or is_array_wrapper(x)
+    )
+    leaves = [jnp.asarray(x) if is_array_wrapper(x) else x for _, x in flat]
+    return [p for p, _ in flat], leaves, treedef
 
 
 def check_floating(leaves: list, paths: list, what: str) -> None:

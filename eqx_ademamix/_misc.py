@@ -166,3 +166,21 @@ def rounding_residual(value: Any, stored: Array) -> float:
     if isinstance(value, (jax.Array, jax.core.Tracer)) or not is_concrete(stored):
         return 0.0
     return float(np.float64(value) - np.float64(stored))
+
+
+def as_dtype(x: Any, name: str = "mu_dtype") -> Any:
+    """A dtype argument as a NumPy dtype (None stays None).
+
+    A scalar array stands for its dtype: `optax.inject_hyperparams` takes a dtype
+    such as `jnp.bfloat16` for a schedule (it is callable) and passes the array
+    `jnp.bfloat16(step)` instead."""
+    if x is None:
+        return None
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return jnp.dtype(x.dtype)
+    try:
+        return jnp.dtype(x)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be a dtype such as jnp.bfloat16, or None; got {show(x)}."
+        ) from None

@@ -29,7 +29,6 @@ are two consecutive integers; the signed byte 0b1000_0000 (negative zero) is
 never written.
 """
 
-import dataclasses
 import functools
 import math
 import warnings
@@ -316,8 +315,9 @@ class Blockwise8BitArray(AbstractEncodedArray):
         return self.spec()[-1]
 
     def shardings(self, sharding: Any) -> "Blockwise8BitArray":
-        return dataclasses.replace(
-            self, **dict(zip(("codes", "absmax"), block_shardings(sharding)))
+        # tree_at, not a constructor call: the arrays become shardings.
+        return eqx.tree_at(
+            lambda a: (a.codes, a.absmax), self, block_shardings(sharding)
         )
 
 
@@ -478,6 +478,12 @@ class Blockwise8Bit(AbstractMomentStorage):
         else:
             codes = jnp.zeros((blocks, self.block_size), jnp.uint8)
             absmax = jnp.zeros((blocks,), jnp.float32)
+            sharding = getattr(like, "sharding", None)
+            if isinstance(sharding, NamedSharding):
+                # Eagerly: the blocks of a sharded parameter, sharded alike.
+                codes_sharding, absmax_sharding = block_shardings(sharding)
+                codes = jax.device_put(codes, codes_sharding)
+                absmax = jax.device_put(absmax, absmax_sharding)
         return Blockwise8BitArray(
             codes=codes,
             absmax=absmax,

@@ -24,7 +24,13 @@ from ._direction import (
     zero_to_none,
 )
 from ._layout import AbstractLayout, as_layout
-from ._misc import as_float_scalar, check_finite, is_concrete, rounding_residual
+from ._misc import (
+    as_dtype,
+    as_float_scalar,
+    check_finite,
+    is_concrete,
+    rounding_residual,
+)
 from ._optimizer import AbstractOptimizer
 from ._storage import AbstractMomentStorage, as_storage
 from ._tree import (
@@ -155,7 +161,7 @@ class ScaleBySimplifiedAdemamix(AbstractAdamDirection):
         self.alpha = scalar_or_schedule(alpha, None, "alpha")
         self.eps = as_float_scalar(eps, "eps")
         self.eps_root = as_float_scalar(eps_root, "eps_root")
-        self.mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+        self.mu_dtype = as_dtype(mu_dtype)
         self.use_m = callable(self.b1) or not (
             is_concrete(self.b1) and float(self.b1) == 0
         )

@@ -206,7 +206,7 @@ def tree_update_moment(
     """The EMA `decay * m + (1 - decay) * g**order` of every leaf.
 
     Arithmetic happens in at least float32 and the result is cast back to the
-    moment's dtype, so a bfloat16 moment stays bfloat16 (the seed code let it
+    moment's dtype, so a bfloat16 moment stays bfloat16 (the original implementation let it
     drift to float32). The cast rounds to nearest; the optimizers themselves write
     reduced-precision state with stochastic rounding instead (see
     [`eqx_ademamix.ScaleByAdemamix`][]).

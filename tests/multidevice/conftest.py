@@ -1,0 +1,24 @@
+"""Tests that need 8 devices. `tests/test_multidevice.py` runs them in a pytest
+of their own with `XLA_FLAGS=--xla_force_host_platform_device_count=8` (set
+before JAX starts); collected in a run with fewer devices, they skip. To run them
+directly:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/multidevice
+"""
+
+import jax
+import pytest
+
+
+DEVICES = 8
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.device_count() >= DEVICES:
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs {DEVICES} devices; run by tests/test_multidevice.py"
+    )
+    for item in items:
+        if "multidevice" in str(item.fspath):
+            item.add_marker(skip)
