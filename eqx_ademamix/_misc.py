@@ -134,8 +134,9 @@ def check_unit_interval(name: str, x: Any, given: Any = None) -> None:
     asked = value_of(given) if given is not None and is_concrete(given) else None
     if asked is not None and 0 <= asked < 1:
         raise ValueError(
-            f"`{name}`={float(given)!r} rounds to {value!r} in {jnp.dtype(x.dtype)}, the "
-            f"precision hyperparameters are stored in; use a `{name}` at most "
+            f"`{name}`={float(given)!r} rounds to {value!r} in "
+            f"{jnp.dtype(x.dtype)}, the precision hyperparameters are stored in; "
+            f"use a `{name}` at most "
             f"{float(np.nextafter(np.asarray(1, x.dtype), 0))!r}, or enable "
             "`jax_enable_x64`."
         )

@@ -165,7 +165,8 @@ def alpha_scheduler(
     - `alpha`: the final value of `alpha`.
     - `alpha_start`: its value at step 0.
     - `warmup`: the number of warm-up steps; 0 (the default) means no warm-up,
-      the schedule returns `alpha` at every step (the original implementation returned NaN).
+      the schedule returns `alpha` at every step (the original implementation
+      returned NaN).
 
     **Returns:** an [`eqx_ademamix.AlphaSchedule`][], callable as `schedule(step)`.
 
@@ -191,7 +192,8 @@ def beta3_scheduler(
     - `beta_end`: the final value of `b3`, in [0, 1).
     - `beta_start`: its value at step 0, in [0, 1); 0 is allowed.
     - `warmup`: the number of warm-up steps; 0 (the default) means no warm-up,
-      the schedule returns `beta_end` at every step (the original implementation returned NaN).
+      the schedule returns `beta_end` at every step (the original
+      implementation returned NaN).
 
     **Returns:** a [`eqx_ademamix.Beta3Schedule`][], callable as `schedule(step)`.
 

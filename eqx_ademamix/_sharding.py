@@ -119,9 +119,9 @@ def state_shardings(
     are sharded along their block axis over the mesh axes the parameter uses;
     the packed buffer of small parameters is replicated (it is small), while a
     large parameter of a packed state keeps its own sharding. Everything else
-    (step counters, scalars) is replicated. Use the result as `out_shardings` of a jitted `init` or step,
-    as the target shardings when restoring a checkpoint, or with
-    `jax.lax.with_sharding_constraint`.
+    (step counters, scalars) is replicated. Use the result as `out_shardings`
+    of a jitted `init` or step, as the target shardings when restoring a
+    checkpoint, or with `jax.lax.with_sharding_constraint`.
 
     **Arguments:**
 

@@ -1,4 +1,5 @@
-"""Typed tree helpers: the seed's five functions, fixed so that dtypes never drift.
+"""Typed tree helpers: the original implementation's five functions, fixed so
+that dtypes never drift.
 
 Each public helper maps a per-leaf function over a tree. The per-leaf functions
 (`ema`, `ema_of_norm`, `bias_correction`, `compute_dtype`) are also what the
@@ -206,9 +207,10 @@ def tree_update_moment(
     """The EMA `decay * m + (1 - decay) * g**order` of every leaf.
 
     Arithmetic happens in at least float32 and the result is cast back to the
-    moment's dtype, so a bfloat16 moment stays bfloat16 (the original implementation let it
-    drift to float32). The cast rounds to nearest; the optimizers themselves write
-    reduced-precision state with stochastic rounding instead (see
+    moment's dtype, so a bfloat16 moment stays bfloat16 (the original
+    implementation let it drift to float32). The cast rounds to nearest; the
+    optimizers themselves write reduced-precision state with stochastic
+    rounding instead (see
     [`eqx_ademamix.ScaleByAdemamix`][]).
 
     **Arguments:**

@@ -3,7 +3,8 @@ of their own with `XLA_FLAGS=--xla_force_host_platform_device_count=8` (set
 before JAX starts); collected in a run with fewer devices, they skip. To run them
 directly:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/multidevice
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m pytest tests/multidevice
 """
 
 import jax
