@@ -13,25 +13,25 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Real
 
 from ._direction import (
     AbstractAdamDirection,
+    check_decay,
     denominator_floor,
     MomentSpec,
     saturating_increment,
+    scalar_or_schedule,
     ScalarOrSchedule,
     Schedule,
     value_at,
     zero_to_none,
 )
-from ._layout import AbstractLayout, as_layout
+from ._layout import AbstractLayout
 from ._misc import (
-    as_dtype,
     as_float_scalar,
     check_finite,
-    check_unit_interval,
     is_concrete,
     rounding_residual,
 )
 from ._optimizer import AbstractOptimizer
-from ._storage import AbstractMomentStorage, as_storage
+from ._storage import AbstractMomentStorage
 from ._tree import (
     adam_direction,
     ema,
@@ -55,8 +55,8 @@ class ScaleByAdemamixState(NamedTuple):
 
     With the default per-leaf layout the moment trees have the parameters'
     structure (`None` parameters, as `eqx.filter` leaves them, are `None` here
-    too); with [`eqx_ademamix.Packed`][] they are
-    [`eqx_ademamix.PackedBuffers`][]. Counters saturate at the int32 maximum
+    too); with `eqx_ademamix.Packed` they are
+    `eqx_ademamix.PackedBuffers`. Counters saturate at the int32 maximum
     instead of wrapping.
 
     A typed `NamedTuple`, like optax's states, so that optax's tree tools see its
@@ -68,33 +68,6 @@ class ScaleByAdemamixState(NamedTuple):
     m1: PyTree | None
     m2: PyTree
     nu: PyTree
-
-
-def scalar_or_schedule(value: Any, scheduler: Any, name: str) -> ScalarOrSchedule:
-    """One field from the optax.contrib style (`b3` may be a schedule) and the
-    original style (`b3_scheduler`)."""
-    if scheduler is not None:
-        if callable(value):
-            raise ValueError(
-                f"got both a schedule for `{name}` ({value}) and "
-                f"`{name}_scheduler` ({scheduler}); pass one of them."
-            )
-        if not callable(scheduler):
-            raise TypeError(
-                f"`{name}_scheduler` must be callable (step -> value), got "
-                f"{scheduler!r:.80}."
-            )
-        return scheduler
-    return value if callable(value) else as_float_scalar(value, name)
-
-
-def check_decay(name: str, value: Any, residual: float) -> None:
-    """`check_unit_interval` of a stored decay, reporting the value the user gave
-    (`stored + residual`) when storing rounded it."""
-    given = None
-    if residual and is_concrete(value):
-        given = float(value) + residual
-    check_unit_interval(name, value, given)
 
 
 class ScaleByAdemamix(AbstractAdamDirection):
@@ -188,16 +161,13 @@ class ScaleByAdemamix(AbstractAdamDirection):
           a quarter of the memory).
         - `quantized`: the older name of `storage`.
         """
+        self._set_common(
+            b2, eps, eps_root, mu_dtype, packed, quantized, layout, storage
+        )
         self.b1 = as_float_scalar(b1, "b1")
-        self.b2 = as_float_scalar(b2, "b2")
         self.b3 = scalar_or_schedule(b3, b3_scheduler, "b3")
         self.alpha = scalar_or_schedule(alpha, alpha_scheduler, "alpha")
-        self.eps = as_float_scalar(eps, "eps")
-        self.eps_root = as_float_scalar(eps_root, "eps_root")
-        self.mu_dtype = as_dtype(mu_dtype)
         self.use_m1 = not (is_concrete(self.b1) and float(self.b1) == 0)
-        self.storage = as_storage(storage, quantized)
-        self.layout = as_layout(layout, packed)
         self.residuals = (
             rounding_residual(b1, self.b1),
             rounding_residual(b2, self.b2),
@@ -270,7 +240,7 @@ class ScaleByAdemamix(AbstractAdamDirection):
 
 
 class AdEMAMix(AbstractOptimizer):
-    r"""The AdEMAMix optimizer: [`eqx_ademamix.ScaleByAdemamix`][] with decoupled
+    r"""The AdEMAMix optimizer: `eqx_ademamix.ScaleByAdemamix` with decoupled
     weight decay and a learning rate,
 
     $$
@@ -342,10 +312,7 @@ class AdEMAMix(AbstractOptimizer):
           is a prefix of the parameters', or a callable `params -> such a tree`.
           Default: all.
         """
-        self.learning_rate = scalar_or_schedule(learning_rate, None, "learning_rate")
-        self.weight_decay = as_float_scalar(weight_decay, "weight_decay")
-        self.mask = mask
-        self.direction = ScaleByAdemamix(
+        direction = ScaleByAdemamix(
             b1=b1,
             b2=b2,
             b3=b3,
@@ -360,3 +327,4 @@ class AdEMAMix(AbstractOptimizer):
             layout=layout,
             storage=storage,
         )
+        self._set_common(learning_rate, weight_decay, mask, direction)

@@ -12,7 +12,7 @@ class AbstractGradientTransformation(eqx.Module):
 
     Hyperparameters are the module's fields. `init` builds a state module,
     `update` returns new updates and a new state without mutating anything, and
-    [`eqx_ademamix.AbstractGradientTransformation.to_optax`][] turns the module
+    `eqx_ademamix.AbstractGradientTransformation.to_optax` turns the module
     into an `optax.GradientTransformationExtraArgs` for `optax.chain` and friends.
     """
 

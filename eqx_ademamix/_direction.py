@@ -2,14 +2,14 @@
 the learning rate and weight decay, and the Adam-family framework that writes
 `init`, validation and the leaf loop once for every algorithm.
 
-The protocol ([`eqx_ademamix.AbstractDirection`][]) is tree-shaped:
+The protocol (`eqx_ademamix.AbstractDirection`) is tree-shaped:
 `init(params) -> state` and `step(grads, state) -> (direction, new_state)`, where
 `direction` has the gradients' structure (`None` leaves included) and its leaves
 are in compute precision (at least float32). The optimizer
-([`eqx_ademamix.AbstractOptimizer`][]) scales it by `-lr`, adds decoupled weight
+(`eqx_ademamix.AbstractOptimizer`) scales it by `-lr`, adds decoupled weight
 decay and casts to the parameters' dtypes, in one fused expression per leaf.
 
-An Adam-family algorithm ([`eqx_ademamix.AbstractAdamDirection`][]) is then its
+An Adam-family algorithm (`eqx_ademamix.AbstractAdamDirection`) is then its
 fields, its `__init__`, its counters and its per-leaf rule. The framework brings
 every storage (plain, bf16 with stochastic rounding, 8-bit) and every layout
 (per leaf, packed) to it.
@@ -25,11 +25,18 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Real
 
 from ._base import AbstractGradientTransformation
-from ._layout import AbstractLayout, AbstractPlan, PackedBuffers, PerLeaf
-from ._misc import check_nonnegative, is_concrete
+from ._layout import AbstractLayout, AbstractPlan, as_layout, PackedBuffers, PerLeaf
+from ._misc import (
+    as_dtype,
+    as_float_scalar,
+    check_nonnegative,
+    check_unit_interval,
+    is_concrete,
+)
 from ._storage import (
     AbstractEncodedArray,
     AbstractMomentStorage,
+    as_storage,
     CastStorage,
     describe_spec,
     mix_seed,
@@ -63,6 +70,33 @@ def value_at(
             )
         return out
     return value
+
+
+def scalar_or_schedule(value: Any, scheduler: Any, name: str) -> ScalarOrSchedule:
+    """One field from the optax.contrib style (`b3` may be a schedule) and the
+    original style (`b3_scheduler`)."""
+    if scheduler is not None:
+        if callable(value):
+            raise ValueError(
+                f"got both a schedule for `{name}` ({value}) and "
+                f"`{name}_scheduler` ({scheduler}); pass one of them."
+            )
+        if not callable(scheduler):
+            raise TypeError(
+                f"`{name}_scheduler` must be callable (step -> value), got "
+                f"{scheduler!r:.80}."
+            )
+        return scheduler
+    return value if callable(value) else as_float_scalar(value, name)
+
+
+def check_decay(name: str, value: Any, residual: float) -> None:
+    """`check_unit_interval` of a stored decay, reporting the value the user gave
+    (`stored + residual`) when storing rounded it."""
+    given = None
+    if residual and is_concrete(value):
+        given = float(value) + residual
+    check_unit_interval(name, value, given)
 
 
 def path_str(path) -> str:
@@ -196,7 +230,7 @@ class AbstractDirection(AbstractGradientTransformation):
 
     `update` (the optax-style entry point: the direction alone, cast to the
     gradients' dtypes) is written here once. Any subclass can be given to
-    [`eqx_ademamix.AbstractOptimizer`][]-based optimizers, or used alone, e.g. in
+    `eqx_ademamix.AbstractOptimizer`-based optimizers, or used alone, e.g. in
     an `optax.chain` through `to_optax()`.
     """
 
@@ -283,6 +317,27 @@ class AbstractAdamDirection(AbstractDirection):
                 f"eqx_ademamix.Blockwise8Bit(), got {self.storage!r:.80}."
             )
 
+    def _set_common(
+        self,
+        b2: Any,
+        eps: Any,
+        eps_root: Any,
+        mu_dtype: Any,
+        packed: Any,
+        quantized: Any,
+        layout: Any,
+        storage: Any,
+    ) -> None:
+        """Set the fields every Adam-family direction has, from the constructor
+        arguments every one of them takes (called from a final class's
+        `__init__`)."""
+        self.b2 = as_float_scalar(b2, "b2")
+        self.eps = as_float_scalar(eps, "eps")
+        self.eps_root = as_float_scalar(eps_root, "eps_root")
+        self.mu_dtype = as_dtype(mu_dtype)
+        self.storage = as_storage(storage, quantized)
+        self.layout = as_layout(layout, packed)
+
     # ------------------------------------------------------------ per algorithm
 
     @abc.abstractmethod
@@ -339,7 +394,7 @@ class AbstractAdamDirection(AbstractDirection):
         - `params`: a PyTree of floating or complex arrays (`None` leaves allowed,
           as `eqx.filter` makes them). Only shapes, dtypes and shardings are read.
 
-        **Returns:** a `state_type` (e.g. an [`eqx_ademamix.ScaleByAdemamixState`][]).
+        **Returns:** a `state_type` (e.g. an `eqx_ademamix.ScaleByAdemamixState`).
         """
         counters = self._counters(None)
         if is_params_placeholder(params):
@@ -412,9 +467,12 @@ class AbstractAdamDirection(AbstractDirection):
         leaves: list,
         grads: PyTree,
         treedef: Any,
+        second: list | None,
     ) -> list:
         """The per-unit stored values of the moment `name`, checked against the
-        gradients and this optimizer's configuration: an error says what differs."""
+        gradients and this optimizer's configuration: an error says what differs.
+        `second` holds the second moment's stored units (for a first moment with
+        `mu_dtype=None`, whose dtype must then be the parameter's, as `nu`'s)."""
         if stored is None:
             raise ValueError(
                 f"this optimizer stores `{name}`, but the state has {name}=None: it "
@@ -423,7 +481,7 @@ class AbstractAdamDirection(AbstractDirection):
         units = plan.unwrap(stored, treedef)
         if units is None:
             raise ValueError(self._layout_mismatch(name, stored, plan, grads))
-        for unit, value in zip(plan.units, units):
+        for i, (unit, value) in enumerate(zip(plan.units, units)):
             path = paths[unit.members[0]]
             where = path_str(path) if len(unit.members) == 1 else f"buffer {unit.key!r}"
             if moment_shape(value) != tuple(unit.shape):
@@ -434,10 +492,16 @@ class AbstractAdamDirection(AbstractDirection):
                     "and shapes of the parameters given to `init`."
                 )
             dtype = self._moment_dtype(name, signed, unit.dtype, path)
+            check_dtype = signed and self.mu_dtype is not None
+            if signed and self.mu_dtype is None and second is not None:
+                # The parameter's dtype: `nu` holds its real counterpart.
+                reference = jnp.dtype(moment_spec(second[i])[2])
+                if jnp.issubdtype(unit.dtype, jnp.complexfloating):
+                    reference = jnp.result_type(reference, jnp.complex64)
+                dtype, check_dtype = reference, True
             like = jax.ShapeDtypeStruct(unit.shape, unit.dtype)
             want = self.storage.spec(like, dtype, signed)
             have = moment_spec(value)
-            check_dtype = signed and self.mu_dtype is not None
             if (
                 have[0] != want[0]
                 or have[1] != want[1]
@@ -508,8 +572,10 @@ class AbstractAdamDirection(AbstractDirection):
         paths, leaves, treedef = leaves_with_paths(grads)
         check_floating(leaves, paths, "gradient")
         plan = self.layout.plan(leaves)
-        stored = {}
-        for spec in self.moment_specs:
+        stored: dict[str, list] = {}
+        second = None
+        # Second moments first: they tell the parameters' dtypes.
+        for spec in sorted(self.moment_specs, key=lambda s: s.signed):
             value = getattr(state, spec.name)
             if not self._uses(spec.name):
                 if value is not None:
@@ -520,8 +586,18 @@ class AbstractAdamDirection(AbstractDirection):
                     )
                 continue
             stored[spec.name] = self._unwrap(
-                spec.name, spec.signed, value, plan, paths, leaves, grads, treedef
+                spec.name,
+                spec.signed,
+                value,
+                plan,
+                paths,
+                leaves,
+                grads,
+                treedef,
+                second,
             )
+            if not spec.signed:
+                second = stored[spec.name]
         units = plan.pack(leaves)
         seeds: dict[int, Array] = {}
         # Per step and moment, not per unit: a per-unit constant makes every
@@ -583,9 +659,10 @@ def denominator_floor(
     now), else None.
 
     Flooring the denominator at it turns the update of an element whose gradients
-    have all been 0 (numerator 0, denominator 0) into 0 instead of NaN, and changes
-    nothing else: a non-zero denominator is at least the square root of the
-    smallest subnormal, far above this floor."""
+    have all been 0 (numerator 0, denominator 0) into 0 instead of NaN. Nothing
+    else changes in practice: the square root of any normal number is far above
+    the floor (only second moments that underflow, i.e. gradients below about
+    1e-19 in float32, reach it, and give a huge finite step instead of inf)."""
     if any(is_concrete(x) and float(x) > 0 for x in (eps, eps_root)):
         return None
     return jnp.asarray(jnp.finfo(dtype).tiny, dtype)

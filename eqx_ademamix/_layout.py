@@ -1,8 +1,8 @@
 """Layouts: how the moments of a parameter tree are laid out in arrays.
 
 A layout turns the leaves of any parameter-shaped tree into *units*, the arrays
-the update rule runs on, and back. [`eqx_ademamix.PerLeaf`][] (the default) has
-one unit per parameter; [`eqx_ademamix.Packed`][] concatenates the small
+the update rule runs on, and back. `eqx_ademamix.PerLeaf` (the default) has
+one unit per parameter; `eqx_ademamix.Packed` concatenates the small
 parameters of each dtype into one flat buffer and keeps large ones on their own.
 
 A layout is asked for a *plan* of a concrete tree (`layout.plan(leaves)`): a
@@ -154,7 +154,7 @@ class PerLeafPlan(AbstractPlan):
 
 
 class PackedLayout(AbstractPlan):
-    """The plan of [`eqx_ademamix.Packed`][]: each leaf with at most `max_size`
+    """The plan of `eqx_ademamix.Packed`: each leaf with at most `max_size`
     elements goes into the flat buffer of its dtype (keys like `"float32"`), each
     larger leaf into a buffer of its own, in its own shape (keys like
     `"leaf000007"`, after its position in the tree).
@@ -270,7 +270,7 @@ class PackedBuffers(eqx.Module):
     each large leaf as it is (keys like `"leaf000007"`). Each buffer is stored
     as the optimizer's storage decides (e.g. in 8 bits).
 
-    This is what the moments of a state made with [`eqx_ademamix.Packed`][] are.
+    This is what the moments of a state made with `eqx_ademamix.Packed` are.
     The layout is static, so it is part of the tree structure.
     """
 
@@ -280,7 +280,7 @@ class PackedBuffers(eqx.Module):
 
 class AbstractLayout(eqx.Module):
     """How an optimizer lays out its moments: a strategy that makes a plan
-    ([`eqx_ademamix.internal.AbstractPlan`][]) for a tree's leaves.
+    (`eqx_ademamix.internal.AbstractPlan`) for a tree's leaves.
 
     The update rule never sees a layout: it runs on the plan's units."""
 

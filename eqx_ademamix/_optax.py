@@ -16,6 +16,12 @@ from ._simplified import ScaleBySimplifiedAdemamix, SimplifiedAdEMAMix
 from ._storage import AbstractMomentStorage
 
 
+def as_optax(cls: type, arguments: dict) -> optax.GradientTransformationExtraArgs:
+    """`cls(**arguments).to_optax()`: each function below passes its own
+    arguments (`locals()`), which are the constructor's, by name."""
+    return cls(**arguments).to_optax()
+
+
 def ademamix(
     lr: ScalarOrSchedule | None = None,
     b1: Real[ArrayLike, ""] = 0.9,
@@ -40,7 +46,7 @@ def ademamix(
     arguments.
 
     Equivalent to `eqx_ademamix.AdEMAMix(learning_rate=lr, ...).to_optax()`; see
-    [`eqx_ademamix.AdEMAMix`][] for the algorithm and the arguments (`packed`,
+    `eqx_ademamix.AdEMAMix` for the algorithm and the arguments (`packed`,
     `layout`, `storage`, `quantized` included). Works with `optax.chain`,
     `optax.inject_hyperparams(eqx_ademamix.ademamix)` and `optax.MultiSteps`.
 
@@ -48,31 +54,17 @@ def ademamix(
     `optax.contrib.ademamix` uses) is accepted too. Pass exactly one of them.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    [`eqx_ademamix.ScaleByAdemamixState`][].
+    `eqx_ademamix.ScaleByAdemamixState`.
     """
+    arguments = dict(locals())
     if (lr is None) == (learning_rate is None):
         raise ValueError(
             "pass the learning rate once, as `lr` or as `learning_rate`; got "
             f"lr={lr!r}, learning_rate={learning_rate!r}."
         )
-    return AdEMAMix(
-        learning_rate=lr if learning_rate is None else learning_rate,
-        b1=b1,
-        b2=b2,
-        b3=b3,
-        alpha=alpha,
-        b3_scheduler=b3_scheduler,
-        alpha_scheduler=alpha_scheduler,
-        eps=eps,
-        eps_root=eps_root,
-        weight_decay=weight_decay,
-        mask=mask,
-        mu_dtype=mu_dtype,
-        packed=packed,
-        quantized=quantized,
-        layout=layout,
-        storage=storage,
-    ).to_optax()
+    arguments["learning_rate"] = lr if learning_rate is None else learning_rate
+    del arguments["lr"]
+    return as_optax(AdEMAMix, arguments)
 
 
 def scale_by_ademamix(
@@ -99,23 +91,9 @@ def scale_by_ademamix(
     optimizer.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    [`eqx_ademamix.ScaleByAdemamixState`][].
+    `eqx_ademamix.ScaleByAdemamixState`.
     """
-    return ScaleByAdemamix(
-        b1=b1,
-        b2=b2,
-        b3=b3,
-        alpha=alpha,
-        b3_scheduler=b3_scheduler,
-        alpha_scheduler=alpha_scheduler,
-        eps=eps,
-        eps_root=eps_root,
-        mu_dtype=mu_dtype,
-        packed=packed,
-        quantized=quantized,
-        layout=layout,
-        storage=storage,
-    ).to_optax()
+    return as_optax(ScaleByAdemamix, locals())
 
 
 def simplified_ademamix(
@@ -139,26 +117,12 @@ def simplified_ademamix(
     `b1` may be a schedule).
 
     Equivalent to `eqx_ademamix.SimplifiedAdEMAMix(learning_rate, ...).to_optax()`;
-    see [`eqx_ademamix.SimplifiedAdEMAMix`][] for the algorithm and the arguments.
+    see `eqx_ademamix.SimplifiedAdEMAMix` for the algorithm and the arguments.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
+    `eqx_ademamix.ScaleBySimplifiedAdemamixState`.
     """
-    return SimplifiedAdEMAMix(
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        alpha=alpha,
-        eps=eps,
-        eps_root=eps_root,
-        weight_decay=weight_decay,
-        mask=mask,
-        mu_dtype=mu_dtype,
-        packed=packed,
-        quantized=quantized,
-        layout=layout,
-        storage=storage,
-    ).to_optax()
+    return as_optax(SimplifiedAdEMAMix, locals())
 
 
 def scale_by_simplified_ademamix(
@@ -182,17 +146,6 @@ def scale_by_simplified_ademamix(
     Equivalent to `eqx_ademamix.ScaleBySimplifiedAdemamix(...).to_optax()`.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
-    [`eqx_ademamix.ScaleBySimplifiedAdemamixState`][].
+    `eqx_ademamix.ScaleBySimplifiedAdemamixState`.
     """
-    return ScaleBySimplifiedAdemamix(
-        b1=b1,
-        b2=b2,
-        alpha=alpha,
-        eps=eps,
-        eps_root=eps_root,
-        mu_dtype=mu_dtype,
-        packed=packed,
-        quantized=quantized,
-        layout=layout,
-        storage=storage,
-    ).to_optax()
+    return as_optax(ScaleBySimplifiedAdemamix, locals())

@@ -16,6 +16,7 @@ from ._direction import (
     AbstractDirection,
     leaves_with_paths,
     path_str,
+    scalar_or_schedule,
     ScalarOrSchedule,
     value_at,
 )
@@ -160,12 +161,12 @@ def replace_scalar(old: Any, new: Any, name: str) -> Any:
 
 
 class AbstractOptimizer(AbstractGradientTransformation):
-    """An optimizer made of a direction ([`eqx_ademamix.AbstractDirection`][]),
+    """An optimizer made of a direction (`eqx_ademamix.AbstractDirection`),
     decoupled weight decay and a learning rate:
     `-lr(t) * (direction + weight_decay * mask * params)`, computed in the
     direction's precision and cast once to the parameters' dtypes.
 
-    [`eqx_ademamix.AdEMAMix`][] and [`eqx_ademamix.SimplifiedAdEMAMix`][] are its
+    `eqx_ademamix.AdEMAMix` and `eqx_ademamix.SimplifiedAdEMAMix` are its
     final subclasses: each declares its fields and constructor; `init`, `update`,
     `with_hyperparameters` and the validation of the learning rate and weight
     decay are written here, once.
@@ -181,6 +182,16 @@ class AbstractOptimizer(AbstractGradientTransformation):
             check_nonnegative("learning_rate", self.learning_rate)
         check_nonnegative("weight_decay", self.weight_decay)
 
+    def _set_common(
+        self, learning_rate: Any, weight_decay: Any, mask: Any, direction: Any
+    ) -> None:
+        """Set the fields every optimizer has (called from a final class's
+        `__init__`)."""
+        self.learning_rate = scalar_or_schedule(learning_rate, None, "learning_rate")
+        self.weight_decay = as_float_scalar(weight_decay, "weight_decay")
+        self.mask = mask
+        self.direction = direction
+
     @property
     def scale(self) -> AbstractDirection:
         """The direction (the older name of `direction`)."""
@@ -188,7 +199,7 @@ class AbstractOptimizer(AbstractGradientTransformation):
 
     def init(self, params: PyTree) -> PyTree:
         """The initial state of the direction (e.g. an
-        [`eqx_ademamix.ScaleByAdemamixState`][]) for `params`."""
+        `eqx_ademamix.ScaleByAdemamixState`) for `params`."""
         return self.direction.init(params)
 
     def update(

@@ -254,7 +254,7 @@ def dequantize_blocks(
 
 class Blockwise8BitArray(AbstractEncodedArray):
     """One moment leaf stored in blockwise 8-bit form (see
-    [`eqx_ademamix.Blockwise8Bit`][]).
+    `eqx_ademamix.Blockwise8Bit`).
 
     - `codes`: one byte per element, `(blocks, block_size)`, row-major over the
       flattened moment, the last block zero-padded.

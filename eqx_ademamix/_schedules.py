@@ -49,7 +49,7 @@ class AlphaSchedule(AbstractWarmupSchedule):
 
     `alpha_t = (1 - t/T) * alpha_start + (t/T) * alpha` for `t < T`, then `alpha`.
 
-    Build it with [`eqx_ademamix.alpha_scheduler`][].
+    Build it with `eqx_ademamix.alpha_scheduler`.
     """
 
     alpha: Float[Array, ""]
@@ -111,7 +111,7 @@ class Beta3Schedule(AbstractWarmupSchedule):
     short memories; interpolating the half-life grows the memory steadily.
     `beta_start = 0` is allowed (an EMA that holds only the last gradient).
 
-    Build it with [`eqx_ademamix.beta3_scheduler`][].
+    Build it with `eqx_ademamix.beta3_scheduler`.
     """
 
     beta_end: Float[Array, ""]
@@ -168,7 +168,7 @@ def alpha_scheduler(
       the schedule returns `alpha` at every step (the original implementation
       returned NaN).
 
-    **Returns:** an [`eqx_ademamix.AlphaSchedule`][], callable as `schedule(step)`.
+    **Returns:** an `eqx_ademamix.AlphaSchedule`, callable as `schedule(step)`.
 
     !!! example
 
@@ -195,7 +195,7 @@ def beta3_scheduler(
       the schedule returns `beta_end` at every step (the original
       implementation returned NaN).
 
-    **Returns:** a [`eqx_ademamix.Beta3Schedule`][], callable as `schedule(step)`.
+    **Returns:** a `eqx_ademamix.Beta3Schedule`, callable as `schedule(step)`.
 
     !!! example
 

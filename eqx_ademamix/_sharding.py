@@ -125,8 +125,8 @@ def state_shardings(
 
     **Arguments:**
 
-    - `optimizer`: an [`eqx_ademamix.AdEMAMix`][] (or any
-      [`eqx_ademamix.AbstractGradientTransformation`][]), an
+    - `optimizer`: an `eqx_ademamix.AdEMAMix` (or any
+      `eqx_ademamix.AbstractGradientTransformation`), an
       `optax.GradientTransformation`, or an init function `params -> state`.
     - `params`: the parameters: arrays, or `jax.ShapeDtypeStruct`s (e.g. from
       `jax.eval_shape`). Nothing is computed or allocated.

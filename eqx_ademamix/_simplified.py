@@ -13,26 +13,25 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Inexact, Int, PyTree, Real
 
-from ._ademamix import check_decay, scalar_or_schedule
 from ._direction import (
     AbstractAdamDirection,
+    check_decay,
     denominator_floor,
     MomentSpec,
     saturating_increment,
+    scalar_or_schedule,
     ScalarOrSchedule,
     value_at,
     zero_to_none,
 )
-from ._layout import AbstractLayout, as_layout
+from ._layout import AbstractLayout
 from ._misc import (
-    as_dtype,
-    as_float_scalar,
     check_finite,
     is_concrete,
     rounding_residual,
 )
 from ._optimizer import AbstractOptimizer
-from ._storage import AbstractMomentStorage, as_storage
+from ._storage import AbstractMomentStorage
 from ._tree import (
     adam_direction,
     ema_coefficients,
@@ -156,17 +155,14 @@ class ScaleBySimplifiedAdemamix(AbstractAdamDirection):
         - `layout`, `packed`, `storage`, `quantized`: as in
           `eqx_ademamix.ScaleByAdemamix`.
         """
+        self._set_common(
+            b2, eps, eps_root, mu_dtype, packed, quantized, layout, storage
+        )
         self.b1 = scalar_or_schedule(b1, None, "b1")
-        self.b2 = as_float_scalar(b2, "b2")
         self.alpha = scalar_or_schedule(alpha, None, "alpha")
-        self.eps = as_float_scalar(eps, "eps")
-        self.eps_root = as_float_scalar(eps_root, "eps_root")
-        self.mu_dtype = as_dtype(mu_dtype)
         self.use_m = callable(self.b1) or not (
             is_concrete(self.b1) and float(self.b1) == 0
         )
-        self.storage = as_storage(storage, quantized)
-        self.layout = as_layout(layout, packed)
         self.residual_b2 = rounding_residual(b2, self.b2)
 
     def __check_init__(self):
@@ -219,7 +215,7 @@ class ScaleBySimplifiedAdemamix(AbstractAdamDirection):
 
 
 class SimplifiedAdEMAMix(AbstractOptimizer):
-    r"""Simplified AdEMAMix: [`eqx_ademamix.ScaleBySimplifiedAdemamix`][] with
+    r"""Simplified AdEMAMix: `eqx_ademamix.ScaleBySimplifiedAdemamix` with
     decoupled weight decay and a learning rate,
 
     $$
@@ -298,10 +294,7 @@ class SimplifiedAdEMAMix(AbstractOptimizer):
           is a prefix of the parameters', or a callable `params -> such a tree`.
           Default: all.
         """
-        self.learning_rate = scalar_or_schedule(learning_rate, None, "learning_rate")
-        self.weight_decay = as_float_scalar(weight_decay, "weight_decay")
-        self.mask = mask
-        self.direction = ScaleBySimplifiedAdemamix(
+        direction = ScaleBySimplifiedAdemamix(
             b1=b1,
             b2=b2,
             alpha=alpha,
@@ -313,3 +306,4 @@ class SimplifiedAdEMAMix(AbstractOptimizer):
             layout=layout,
             storage=storage,
         )
+        self._set_common(learning_rate, weight_decay, mask, direction)

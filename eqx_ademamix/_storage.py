@@ -172,7 +172,7 @@ def stochastic_round(
 
 class AbstractEncodedArray(eqx.Module):
     """A moment stored in an encoding other than a plain array (e.g.
-    [`eqx_ademamix.Blockwise8BitArray`][]).
+    `eqx_ademamix.Blockwise8BitArray`).
 
     It knows the logical shape of the moment it holds, decodes itself to compute
     precision, re-encodes a new value into its own representation (same type,
@@ -280,7 +280,7 @@ class AbstractMomentStorage(eqx.Module):
     each moment leaf.
 
     The representation then describes itself (a plain array, or an
-    [`eqx_ademamix.AbstractEncodedArray`][]), so the update rule reads each leaf
+    `eqx_ademamix.AbstractEncodedArray`), so the update rule reads each leaf
     into at least float32 with `read`, computes the new moment, and stores it back
     with `write`; the representation's type, shape and dtype never change, so the
     state can be a `lax.scan` carry. Subclasses implement `init` and `spec`.

@@ -20,8 +20,8 @@ def _is_state(x: Any) -> bool:
 
 def reset_slow_ema(state: PyTree) -> PyTree:
     """Forget the slow EMA: `m2` becomes zero and `count_m2` restarts at 0, so the
-    `alpha` and `b3` warm-ups (see [`eqx_ademamix.alpha_scheduler`][],
-    [`eqx_ademamix.beta3_scheduler`][]) run again from their start.
+    `alpha` and `b3` warm-ups (see `eqx_ademamix.alpha_scheduler`,
+    `eqx_ademamix.beta3_scheduler`) run again from their start.
 
     Use it after a known distribution shift (a new data mixture, a new task): the
     old slow EMA remembers ~1/(1 - b3) steps of gradients of the old data. `m1`,
@@ -29,9 +29,9 @@ def reset_slow_ema(state: PyTree) -> PyTree:
 
     **Arguments:**
 
-    - `state`: an [`eqx_ademamix.ScaleByAdemamixState`][], or any PyTree holding
+    - `state`: an `eqx_ademamix.ScaleByAdemamixState`, or any PyTree holding
       some (an `optax.chain` state, a
-      [`eqx_ademamix.SkipNonFiniteState`][]); every one is reset.
+      `eqx_ademamix.SkipNonFiniteState`); every one is reset.
 
     **Returns:** the state with the slow EMA reset; shapes, dtypes and shardings
     unchanged (the moment storages read all-zero buffers as zero moments).
@@ -89,8 +89,8 @@ def state_from_adam(
 
     **Arguments:**
 
-    - `optimizer`: the [`eqx_ademamix.AdEMAMix`][] (or
-      [`eqx_ademamix.ScaleByAdemamix`][]) to continue with. Use the same `b1`,
+    - `optimizer`: the `eqx_ademamix.AdEMAMix` (or
+      `eqx_ademamix.ScaleByAdemamix`) to continue with. Use the same `b1`,
       `b2`, `eps` as the Adam run for a seamless switch. With `b1 = 0` Adam's
       `mu` is dropped.
     - `adam_state`: the state of `optax.adam`, `optax.adamw`, or any chain (or
@@ -100,7 +100,7 @@ def state_from_adam(
       schedules start at the switch, as the empty slow EMA does. `False`:
       `count_m2 = count`.
 
-    **Returns:** an [`eqx_ademamix.ScaleByAdemamixState`][] for `optimizer`, with
+    **Returns:** an `eqx_ademamix.ScaleByAdemamixState` for `optimizer`, with
     its dtypes (`mu_dtype`), its storage and layout (packed and 8-bit states
     included), and the shardings of Adam's moments.
     """

@@ -211,7 +211,7 @@ def tree_update_moment(
     implementation let it drift to float32). The cast rounds to nearest; the
     optimizers themselves write reduced-precision state with stochastic
     rounding instead (see
-    [`eqx_ademamix.ScaleByAdemamix`][]).
+    `eqx_ademamix.ScaleByAdemamix`).
 
     **Arguments:**
 
