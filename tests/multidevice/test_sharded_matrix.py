@@ -86,6 +86,29 @@ def test_state_follows_params_and_steps_match(mesh, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_shardings_are_stable_through_scan_and_cond(mesh, variant):
+    p, shardings = _shard_params(mesh)
+    sharded = jax.tree.map(
+        lambda x, s: jax.device_put(x, s), p, shardings, is_leaf=lambda x: x is None
+    )
+    opt = variant.make()
+    state = jax.jit(opt.init, out_shardings=eam.state_shardings(opt, sharded))(sharded)
+    g = grads(0, p)
+
+    @jax.jit
+    def many(state):
+        def body(carry, i):
+            _, new = opt.update(g, carry, sharded)
+            return jax.lax.cond(i % 2 == 0, lambda: new, lambda: carry), None
+
+        return jax.lax.scan(body, state, jnp.arange(3))[0]
+
+    after = many(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(after)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (variant.id, a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_zero1_shards_state_of_replicated_params(mesh, variant):
     p = params()
     replicated = NamedSharding(mesh, P())
