@@ -126,7 +126,11 @@ def test_restore_into_abstract_target(tmp_path, fmt):
             dict(mu_dtype=jnp.bfloat16),
             r"\.m2.*dtype float32 in the checkpoint, bfloat16 in the target",
         ),
-        (dict(b1=0.0), r"\.m1.*the target has no such leaf.*b1 = 0"),
+        (
+            dict(b1=0.0),
+            r"\[2\]\.m1: a MLP in the checkpoint, None in the target \(a state "
+            r"without `m1` comes from an optimizer with b1 = 0\)",
+        ),
         (dict(width=6), r"shape \(8,"),
     ],
 )
@@ -144,7 +148,7 @@ def test_reverse_b1_mismatch_is_refused(tmp_path, fmt):
     model, opt, state = _setup(jr.key(0), b1=0.0)
     where = _where(fmt, tmp_path)
     _save(fmt, where, (model, opt, state))
-    with pytest.raises(ValueError, match=r"the target has float32.*checkpoint has no"):
+    with pytest.raises(ValueError, match=r"\[2\]\.m1: None in the checkpoint, a MLP in the target.*b1 = 0"):
         _load(fmt, where, _setup(jr.key(0)))
 
 
@@ -198,7 +202,7 @@ _WRITER = textwrap.dedent(
                     os._exit(17)
                 return save(*args, **kwargs)
             return dying_save
-        np.save, jnp.save = dying(np.save), dying(jnp.save)
+        np.lib.format.write_array = dying(np.lib.format.write_array)
         eam.save_leaves(where, tree(1))
         sys.exit(0)
     for k in range(1, 10_000):
