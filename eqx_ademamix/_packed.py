@@ -104,6 +104,16 @@ class PackedLayout:
         solo = sum(key.startswith("leaf") for key, _ in self.groups)
         return f"PackedLayout(packed {{{packed}}}, {solo} leaves on their own)"
 
+    def checkpoint_description(self) -> str:
+        """The whole layout, in order (tree structure, and each leaf's buffer,
+        offset and shape), for checkpoints to compare: two layouts are equal
+        exactly when their descriptions are."""
+        leaves = ", ".join(
+            "None" if e is None else f"{e[0]}@{'own' if e[1] is None else e[1]}{e[2]}"
+            for e in self.entries
+        )
+        return f"packed layout of {self.treedef}: [{leaves}]"
+
     def pack(self, tree: PyTree) -> "PackedBuffers":
         """Concatenate the leaves of `tree` (which has this layout) into one flat
         buffer per dtype."""
