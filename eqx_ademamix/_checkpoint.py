@@ -497,11 +497,27 @@ def _to_global(x: Any) -> Any:
     return jax.make_array_from_callback(value.shape, _everywhere(), lambda i: value[i])
 
 
+def _uncommitted(x: Any) -> bool:
+    """A JAX array not committed to a device (e.g. made by `jnp.asarray`): jit
+    moves it to where the other arguments are."""
+    return isinstance(x, jax.Array) and not x.committed
+
+
+def _local_value(value: Any) -> np.ndarray:
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = value.addressable_data(0)  # replicated: every copy is the value
+    return np.asarray(value)
+
+
 def _place(value: Any, like: Any) -> Any:
-    """`value` as `like` holds it: NumPy stays NumPy; JAX arrays get `like`'s
-    sharding when it has one (a host-local target gets this process's copy)."""
+    """`value` as `like` holds it: NumPy stays NumPy; an uncommitted JAX array
+    (e.g. an optimizer's scalar hyperparameter) stays uncommitted, so it can be
+    used with arrays on any devices; other JAX arrays get `like`'s sharding (a
+    host-local target gets this process's copy)."""
     if isinstance(like, np.ndarray):
-        return np.asarray(value)
+        return _local_value(value)
+    if _uncommitted(like):
+        return jnp.asarray(_local_value(value))
     if _host_local(like):
         return jax.device_put(value.addressable_data(0), like.sharding)
     sharding = getattr(like, "sharding", None)
@@ -512,7 +528,7 @@ def _place(value: Any, like: Any) -> Any:
 
 def _target_sharding(path: str, x: Any) -> jax.sharding.Sharding:
     """The sharding an array restored into `x` is read with."""
-    if _host_local(x):
+    if _host_local(x) or _uncommitted(x):
         return _everywhere()
     sharding = getattr(x, "sharding", None)
     if not isinstance(sharding, jax.sharding.Sharding):
