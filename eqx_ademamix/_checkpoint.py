@@ -1146,6 +1146,7 @@ def restore_checkpoint(
     except Exception as e:
         error = e
     _agree(error, "restore_checkpoint")
+    error = None
     with manager:
         try:
             restored = manager.restore(
@@ -1153,9 +1154,13 @@ def restore_checkpoint(
                 args=ocp.args.Composite(arrays=ocp.args.StandardRestore(targets)),
             )["arrays"]
         except Exception as e:
-            raise _corrupt(
+            # Each process reads its own shards: agree before the checksums'
+            # collective, so that no process waits there for one that failed.
+            error = _corrupt(
                 directory, step, f"reading its arrays failed ({type(e).__name__}: {e})"
-            ) from e
+            )
+            error.__cause__ = e
+    _agree(error, "restore_checkpoint")
     if saved.get("checksums") is not None:
         got = _checksums([restored[k] for k in targets])
         for entry, want, crc in zip(_array_entries(saved), saved["checksums"], got):
