@@ -944,10 +944,11 @@ def save_checkpoint(
     Sharded arrays are written shard by shard (each host writes its own shards;
     call it on every process of a multi-process run). Arrays that live on one
     process only, such as an optimizer's scalar hyperparameters, are written once,
-    with process 0's values. orbax writes the step to a temporary directory and
-    renames it when complete; then the list of the step's files is recorded, so a
-    crash mid-save, or a step that later loses files, is invisible to
-    [`eqx_ademamix.latest_step`][] and reported by
+    with process 0's values. A checksum of every array, computed on its devices,
+    is stored with the step and compared on restore. orbax writes the step to a
+    temporary directory and renames it when complete; then the list of the step's
+    files is recorded, so a crash mid-save, or a step that later loses files, is
+    invisible to [`eqx_ademamix.latest_step`][] and reported by
     [`eqx_ademamix.restore_checkpoint`][].
 
     **Arguments:**
@@ -1062,7 +1063,7 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     missing or truncated file, e.g. after a kill during the deletion of an old
     step) are skipped; [`eqx_ademamix.restore_checkpoint`][] with that `step=`
     says what is wrong with them. (The arrays' contents are checked when they are
-    read: orbax stores a checksum of every chunk.)
+    read, against the checksums `save_checkpoint` stores with them.)
     """
     if not os.path.isdir(directory):
         return None
@@ -1115,7 +1116,7 @@ def restore_checkpoint(
     `ValueError` listing every leaf or module whose path, shape, dtype or static
     fields differ (before any array is read); `ValueError` saying "step N in DIR
     is incomplete or corrupt" for a step with missing files, an unreadable
-    description or arrays that fail orbax's checksums. In a multi-process run an
+    description or arrays that fail their checksums. In a multi-process run an
     error on one process is an error on all.
     """
     if not os.path.isdir(directory):
