@@ -1,5 +1,5 @@
-"""Skip steps whose gradients are not finite, so that one bad batch cannot poison
-the slow EMA for the next ten thousand steps."""
+"""Skip steps whose gradients, updates or new state are not finite, so that one
+bad batch cannot poison the slow EMA for the next ten thousand steps."""
 
 import equinox as eqx
 import jax
@@ -11,12 +11,13 @@ from ._direction import saturating_increment as _saturating_increment
 
 
 class SkipNonFiniteState(eqx.Module):
-    """The state of [`eqx_ademamix.SkipNonFinite`][].
+    """The state of `eqx_ademamix.SkipNonFinite`.
 
     - `inner_state`: the wrapped optimizer's state, as of the last applied step.
     - `notfinite_count`: consecutive steps skipped so far (0 after a good step).
     - `total_notfinite`: steps skipped since the start (saturates at int32 max).
-    - `last_finite`: whether the last step's gradients were all finite.
+    - `last_finite`: whether the last step was finite: its gradients, and the
+      updates and state the wrapped optimizer computed from them.
     """
 
     inner_state: PyTree
@@ -26,8 +27,10 @@ class SkipNonFiniteState(eqx.Module):
 
 
 def _all_finite(tree: PyTree) -> Bool[Array, ""]:
+    """Whether every floating-point element of `tree` is finite (integer leaves,
+    such as counters and 8-bit codes, always are)."""
     ok = jnp.asarray(True)
-    for leaf in jax.tree.leaves(tree):
+    for leaf in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array)):
         ok = ok & jnp.all(jnp.isfinite(leaf))
     return ok
 
@@ -37,15 +40,21 @@ def _select(pred: Bool[Array, ""], on_true: PyTree, on_false: PyTree) -> PyTree:
 
 
 class SkipNonFinite(AbstractGradientTransformation):
-    """Wrap an optimizer so that a step whose gradients hold a NaN or an infinity
-    changes nothing: the updates are zeros and the wrapped state (moments and
-    counters) stays as it was.
+    """Wrap an optimizer so that a non-finite step changes nothing: the updates are
+    zeros and the wrapped state (moments and counters) stays as it was.
 
-    This is the module-API counterpart of `optax.apply_if_finite` (which works
-    with `opt.to_optax()` just as well). It matters more for AdEMAMix than for Adam:
-    one NaN written into the slow EMA `m2` (b3 = 0.9999) would otherwise stay in
-    the direction for good, and one huge finite-but-wild gradient only decays
-    over ~10,000 steps.
+    A step is non-finite when its gradients hold a NaN or an infinity, or when the
+    updates or the new state the wrapped optimizer computes from finite gradients
+    do (a gradient above about 1.8e19 squares to infinity in the second moment
+    `nu`; in 8-bit state such a write marks the block NaN).
+
+    This is the module-API counterpart of `optax.apply_if_finite` (which checks
+    the gradients only, and works with `opt.to_optax()` just as well). It matters
+    more for AdEMAMix than for Adam: one NaN written into the slow EMA `m2`
+    (b3 = 0.9999) would otherwise stay in the direction for good. A huge gradient
+    whose square is finite is applied, and comes back as a huge step tens of
+    thousands of steps later (`m2` outlives `nu`): clip gradients for that (see
+    the faults guide).
 
     !!! example
 
@@ -72,7 +81,7 @@ class SkipNonFinite(AbstractGradientTransformation):
     ):
         """**Arguments:**
 
-        - `inner`: the optimizer to protect, e.g. an [`eqx_ademamix.AdEMAMix`][].
+        - `inner`: the optimizer to protect, e.g. an `eqx_ademamix.AdEMAMix`.
         - `max_consecutive_errors`: after this many non-finite steps in a row, the
           next non-finite step is applied (and poisons the state), so that a run
           that has diverged for good fails visibly instead of idling. `None`
@@ -111,8 +120,9 @@ class SkipNonFinite(AbstractGradientTransformation):
         params: PyTree | None = None,
         **extra_args,
     ) -> tuple[PyTree, SkipNonFiniteState]:
-        """One step of the wrapped optimizer if all of `updates` is finite;
-        otherwise zero updates and the previous state.
+        """One step of the wrapped optimizer if all of `updates` (the gradients),
+        and the updates and state it computes from them, are finite; otherwise zero
+        updates and the previous state.
 
         **Arguments:** as the wrapped optimizer's `update`.
 
@@ -123,9 +133,14 @@ class SkipNonFinite(AbstractGradientTransformation):
                 f"expected a SkipNonFiniteState, got {type(state).__name__}; was the "
                 "state made by another optimizer?"
             )
-        finite = _all_finite(updates)
         new_updates, new_inner = self.inner.update(
             updates, state.inner_state, params, **extra_args
+        )
+        # Checking the result too catches finite gradients whose square
+        # overflows: nu = inf would freeze that element for good (its update is
+        # 0 from then on), and 8-bit state would turn the block NaN.
+        finite = (
+            _all_finite(updates) & _all_finite(new_updates) & _all_finite(new_inner)
         )
         consecutive = jnp.where(
             finite, 0, _saturating_increment(state.notfinite_count)

@@ -317,7 +317,9 @@ class Blockwise8BitArray(AbstractEncodedArray):
     def shardings(self, sharding: Any) -> "Blockwise8BitArray":
         # tree_at, not a constructor call: the arrays become shardings.
         return eqx.tree_at(
-            lambda a: (a.codes, a.absmax), self, block_shardings(sharding)
+            lambda a: (a.codes, a.absmax),
+            self,
+            block_shardings(sharding, self.codes.shape[0]),
         )
 
 
@@ -345,7 +347,7 @@ def blockwise_spec(
     )
 
 
-def block_shardings(sharding: Any) -> tuple[Any, Any]:
+def block_shardings(sharding: Any, blocks: int) -> tuple[Any, Any]:
     """Shardings of `codes` `(blocks, block_size)` and `absmax` `(blocks,)` for a
     moment whose logical sharding is `sharding`.
 
@@ -354,7 +356,8 @@ def block_shardings(sharding: Any) -> tuple[Any, Any]:
     blocks of its own rows. A moment sharded along other axes has no such
     correspondence; its blocks are still sharded over the same mesh axes, so each
     device stores the same fraction of the state as of the parameter (XLA moves
-    the data the update needs). Anything else is replicated."""
+    the data the update needs). A number of `blocks` those axes do not divide,
+    and anything else, is replicated."""
     if not isinstance(sharding, NamedSharding):
         return sharding, sharding
     axes: list[str] = []
@@ -362,7 +365,7 @@ def block_shardings(sharding: Any) -> tuple[Any, Any]:
         if entry is None:
             continue
         axes.extend((entry,) if isinstance(entry, str) else entry)
-    if not axes:
+    if not axes or blocks % math.prod(sharding.mesh.shape[a] for a in axes):
         replicated = NamedSharding(sharding.mesh, PartitionSpec())
         return replicated, replicated
     entry = axes[0] if len(axes) == 1 else tuple(axes)
@@ -481,7 +484,7 @@ class Blockwise8Bit(AbstractMomentStorage):
             sharding = getattr(like, "sharding", None)
             if isinstance(sharding, NamedSharding):
                 # Eagerly: the blocks of a sharded parameter, sharded alike.
-                codes_sharding, absmax_sharding = block_shardings(sharding)
+                codes_sharding, absmax_sharding = block_shardings(sharding, blocks)
                 codes = jax.device_put(codes, codes_sharding)
                 absmax = jax.device_put(absmax, absmax_sharding)
         return Blockwise8BitArray(

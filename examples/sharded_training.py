@@ -18,7 +18,15 @@ The same script runs unchanged on 8 GPUs or TPU cores, and on several hosts:
 start it on every host with `--distributed` (which calls
 `jax.distributed.initialize()`; on Cloud TPU and SLURM it needs no arguments), and
 each host feeds only the rows of each global batch that its devices hold. The
-`--checkpoint-dir` must then be on storage all hosts share.
+`--checkpoint-dir` must then be on storage all hosts share. Two processes on one
+machine, two CPU devices each (gloo collectives), as the tests run it:
+
+    python examples/sharded_training.py --mesh 2,2 --distributed \\
+        --coordinator-address 127.0.0.1:12345 --num-processes 2 --process-id 0 \\
+        --local-devices 2 &
+    python examples/sharded_training.py --mesh 2,2 --distributed \\
+        --coordinator-address 127.0.0.1:12345 --num-processes 2 --process-id 1 \\
+        --local-devices 2
 
 It needs the `examples` and `checkpoint` extras:
 `pip install "eqx_ademamix[examples,checkpoint]"`.
@@ -92,6 +100,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="call jax.distributed.initialize() first (multi-host runs)",
     )
     parser.add_argument(
+        "--coordinator-address",
+        default=None,
+        help="with --distributed: HOST:PORT of process 0 (default: detected, e.g. "
+        "on Cloud TPU or SLURM)",
+    )
+    parser.add_argument(
+        "--num-processes", type=int, default=None, help="with --distributed"
+    )
+    parser.add_argument(
+        "--process-id", type=int, default=None, help="with --distributed"
+    )
+    parser.add_argument(
+        "--local-devices",
+        type=int,
+        default=None,
+        help="number of CPU devices of this process (simulated devices on CPU)",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (e.g. in CI)"
     )
     parser.add_argument(
@@ -157,8 +183,17 @@ def state_bytes_per_device(state) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.local_devices is not None:
+        jax.config.update("jax_num_cpu_devices", args.local_devices)
     if args.distributed:
-        jax.distributed.initialize()
+        # CPU devices of several processes talk through gloo (GPUs and TPUs
+        # ignore this setting).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
     mesh = make_mesh(args.mesh)
     lead = jax.process_index() == 0
     data_size = mesh.shape["data"]

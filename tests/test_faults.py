@@ -149,6 +149,63 @@ def test_max_consecutive_errors_lets_a_persistent_failure_through():
     assert bool(jnp.isnan(state.inner_state.m2["w"][1, 2]))
 
 
+def _overflow_setup(storage):
+    """An optimizer for 4096 parameters (one 8-bit block is 256 of them) and the
+    gradient 0.5 everywhere, except 2e19 on element 0 at step 3: finite, but its
+    square (4e38) overflows float32 in the second moment."""
+    if storage == "f32":
+        opt, dtype = eam.AdEMAMix(1e-3), jnp.float32
+    elif storage == "bf16":  # bf16 parameters: m1, m2 and nu in bfloat16
+        opt, dtype = eam.AdEMAMix(1e-2), jnp.bfloat16
+    else:
+        opt = eam.AdEMAMix(1e-3, quantized=eam.Blockwise8Bit(min_size=256))
+        dtype = jnp.float32
+    grads = [jnp.full(4096, 0.5, dtype) for _ in range(40)]
+    grads[3] = grads[3].at[0].set(2e19)
+    assert bool(jnp.all(jnp.isfinite(grads[3])))
+    return opt, jnp.ones(4096, dtype), grads
+
+
+def _train(opt, params, grads):
+    step = eqx.filter_jit(lambda g, s, p: opt.update(g, s, p))
+    state, history = opt.init(params), []
+    for g in grads:
+        updates, state = step(g, state, params)
+        params = eqx.apply_updates(params, updates)
+        history.append(params)
+    return history, state
+
+
+@pytest.mark.parametrize("storage", ["f32", "bf16", "8bit"])
+def test_skip_non_finite_skips_a_finite_gradient_that_overflows(storage):
+    """`SkipNonFinite` skips the step (the gradient is finite, the new `nu` is not);
+    element 0 then trains exactly like element 1, which never saw the gradient.
+    Without it, element 0 stops for good (nu = inf), or 8-bit state turns NaN."""
+    opt, params, grads = _overflow_setup(storage)
+    history, state = _train(eam.SkipNonFinite(opt), params, grads)
+    assert int(state.total_notfinite) == 1 and bool(state.last_finite)
+    assert int(state.inner_state.count) == len(grads) - 1
+    assert _all_finite_tree(state.inner_state)
+    last = np.asarray(history[-1], np.float32)
+    assert last[0] == last[1] and last[0] < np.asarray(history[3], np.float32)[0]
+    np.testing.assert_array_equal(history[3], history[2])  # the skipped step
+
+    bare, bare_state = _train(opt, params, grads)
+    if storage == "8bit":
+        assert bool(jnp.all(jnp.isnan(bare[-1][:256])))  # the whole block
+        assert bool(jnp.all(jnp.isfinite(bare[-1][256:])))
+    else:
+        assert not bool(jnp.all(jnp.isfinite(bare_state.nu)))
+        frozen = np.asarray([np.float32(p[0]) for p in bare[3:]])
+        assert np.all(frozen == frozen[0])  # element 0 never moves again
+        assert float(bare[-1][1]) < float(bare[3][1])  # the others train
+
+
+def _all_finite_tree(tree):
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
 def test_skip_non_finite_rejects_a_foreign_state():
     opt = eam.SkipNonFinite(_ademamix())
     with pytest.raises(TypeError, match="SkipNonFiniteState"):
