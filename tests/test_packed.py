@@ -1,15 +1,11 @@
 """The packed state layout (`packed=True`): the same optimizer, fewer buffers."""
 
-import functools
-
 import equinox as eqx
 import eqx_ademamix as eam
 import jax
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import optax
 import pytest
 from eqx_ademamix import PackedBuffers
 from eqx_ademamix.internal import PACK_MAX_SIZE
@@ -135,61 +131,3 @@ def test_packed_state_rejects_another_tree(getkey):
     other = dict(params, scale=None, extra=params["scale"])
     with pytest.raises(ValueError, match="does not match the optimizer state"):
         opt.update(other, state, other)
-
-
-def test_packed_state_stable_in_scan_and_no_retrace(getkey):
-    params = _params(getkey)
-    opt = eam.AdEMAMix(1e-3, packed=True, mu_dtype=jnp.bfloat16)
-    state = opt.init(params)
-
-    def body(carry, _):
-        p, s = carry
-        u, s = opt.update(p, s, p)
-        return (eqx.apply_updates(p, u), s), None
-
-    (_, final), _ = lax.scan(body, (params, state), None, length=3)
-    assert tree_dtypes(final) == tree_dtypes(state)
-
-    traces = []
-
-    @eqx.filter_jit
-    def step(opt, g, s, p):
-        traces.append(None)
-        return opt.update(g, s, p)
-
-    for _ in range(3):
-        _, state = step(opt, params, state, params)
-        opt = eqx.tree_at(lambda o: o.learning_rate, opt, jnp.asarray(2e-3))
-    assert len(traces) == 1
-
-
-def test_packed_to_optax_and_multisteps(getkey):
-    params = _params(getkey)
-    with jax.numpy_dtype_promotion("standard"):  # optax.MultiSteps needs it
-        tx = optax.MultiSteps(eam.AdEMAMix(1e-2, packed=True).to_optax(), 2)
-        state = tx.init(params)
-        for g in _grads(getkey, params, 4):
-            updates, state = jax.jit(tx.update)(g, state, params)
-            params = optax.apply_updates(params, updates)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_state_can_be_donated(getkey, packed):
-    """Every state leaf is its own buffer, so the whole state can be donated (the
-    two counters once shared one buffer, which XLA refuses to donate twice)."""
-    params = _params(getkey)
-    opt = eam.AdEMAMix(1e-3, packed=packed)
-    state = opt.init(params)
-    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
-    assert len(set(pointers)) == len(pointers)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(p, s, g):
-        u, s = opt.update(g, s, p)
-        return eqx.apply_updates(p, u), s
-
-    grads = jax.tree.map(jnp.ones_like, params)
-    for _ in range(3):
-        params, state = step(params, state, grads)
-    assert int(state.count) == 3

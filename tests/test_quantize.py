@@ -362,52 +362,6 @@ def test_bad_quantized_argument():
         eam.AdEMAMix(1e-3, quantized="8bit")
 
 
-def test_serialise_scan_and_no_retrace(tmp_path, getkey):
-    params = {"w": jr.normal(getkey(), (64, 96))}
-    opt = eam.AdEMAMix(1e-2, quantized=eam.Blockwise8Bit(), weight_decay=0.1)
-
-    def body(carry, g):
-        p, s = carry
-        u, s = opt.update(g, s, p)
-        return (eqx.apply_updates(p, u), s), None
-
-    grads = {"w": jr.normal(getkey(), (10, 64, 96))}
-    (p, state), _ = jax.lax.scan(body, (params, opt.init(params)), grads)
-    assert int(state.count) == 10
-    path = tmp_path / "state.eqx"
-    eqx.tree_serialise_leaves(path, state)
-    loaded = eqx.tree_deserialise_leaves(path, opt.init(params))
-    assert eqx.tree_equal(loaded, state)
-
-    traces = []
-
-    @eqx.filter_jit
-    def step(opt, g, s, p):
-        traces.append(None)
-        return opt.update(g, s, p)
-
-    g = {"w": grads["w"][0]}
-    _, s = step(opt, g, state, p)
-    _, s = step(opt, g, s, p)
-    _, s = step(eqx.tree_at(lambda o: o.scale.alpha, opt, jnp.asarray(3.0)), g, s, p)
-    assert len(traces) == 1
-
-
-def test_optax_api(getkey):
-    params = {"w": jr.normal(getkey(), (64, 96))}
-    g = {"w": jr.normal(getkey(), (64, 96))}
-    q = eam.Blockwise8Bit()
-    tx = eam.ademamix(1e-3, quantized=q)
-    module = eam.AdEMAMix(1e-3, quantized=q)
-    # both closed over, so that the two jitted programs are the same
-    u1, s1 = jax.jit(tx.update)(g, tx.init(params), params)
-    u2, s2 = jax.jit(module.to_optax().update)(g, module.init(params), params)
-    assert eqx.tree_equal(u1, u2) and eqx.tree_equal(s1, s2)
-    direction = eam.scale_by_ademamix(quantized=q)
-    _, s3 = jax.jit(direction.update)(g, direction.init(params))
-    assert isinstance(s3.m2["w"], eam.Blockwise8BitArray)
-
-
 def test_nan_gradient_is_loud_not_silent(getkey):
     """A NaN gradient element makes its block's updates NaN (float32 state makes the
     element's update NaN); other blocks, and the whole state of other leaves, stay
