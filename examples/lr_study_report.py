@@ -54,13 +54,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def seed_runs(results: dict, name: str) -> list[dict]:
-    """The runs of `name` at its best learning rate on the fresh seeds (those done)."""
-    lr = results["best_lr"].get(name)
-    return [
-        r
-        for r in results["runs"].values()
-        if r["name"] == name and r["lr"] == lr and r["phase"] == "seeds"
-    ]
+    """The runs of `name` at its best learning rate on the fresh seeds that every
+    optimizer has finished (so that each has the same number of runs)."""
+    at_best = {
+        n: {
+            r["seed"]: r
+            for r in results["runs"].values()
+            if r["name"] == n
+            and r["phase"] == "seeds"
+            and r["lr"] == results["best_lr"].get(n)
+        }
+        for n in results["settings"]["optimizers"]
+    }
+    common = set.intersection(*(set(runs) for runs in at_best.values()))
+    return [at_best[name][seed] for seed in sorted(common)]
 
 
 def summarise(results: dict) -> dict:
@@ -73,6 +80,7 @@ def summarise(results: dict) -> dict:
     # Target: AdamW's final loss on the curves' validation sample, mean over seeds.
     target = float(np.mean([r["val_loss"][-1] for r in adamw]))
     horizon = results["settings"]["model"]["steps"]
+    lrs = results["settings"]["lrs"]
     out = {}
     for name in names:
         runs = seed_runs(results, name)
@@ -81,6 +89,7 @@ def summarise(results: dict) -> dict:
         out[name] = {
             "lr": results["best_lr"][name],
             "lr_ratio": results["best_lr"][name] / results["best_lr"]["AdamW"],
+            "edge": results["best_lr"][name] in (min(lrs), max(lrs)),
             "seeds": [r["seed"] for r in runs],
             "finals": finals.tolist(),
             "mean": float(finals.mean()),
@@ -340,6 +349,11 @@ def findings(summary: dict) -> list[str]:
     opts, h = summary["optimizers"], summary["horizon"]
     out = []
     for name, s in opts.items():
+        if s["edge"]:
+            out.append(
+                f"- {name}'s best learning rate is at the edge of the grid: its "
+                "optimum may lie beyond it."
+            )
         if name == "AdamW":
             continue
         side = "below" if s["diff"] < 0 else "above"
