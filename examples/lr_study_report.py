@@ -90,6 +90,7 @@ def summarise(results: dict) -> dict:
             "lr": results["best_lr"][name],
             "lr_ratio": results["best_lr"][name] / results["best_lr"]["AdamW"],
             "edge": results["best_lr"][name] in (min(lrs), max(lrs)),
+            "runner_up": runner_up(results, name),
             "seeds": [r["seed"] for r in runs],
             "finals": finals.tolist(),
             "mean": float(finals.mean()),
@@ -105,6 +106,17 @@ def summarise(results: dict) -> dict:
         ) > max(base["finals"])
         entry["separated"] = bool(apart)
     return {"target": target, "horizon": horizon, "optimizers": out}
+
+
+def runner_up(results: dict, name: str) -> tuple[float, float] | None:
+    """The sweep's second-best learning rate and how much worse it ended."""
+    st = results["settings"]
+    finals = sorted(
+        (r["final_val_loss"], r["lr"])
+        for r in results["runs"].values()
+        if r["name"] == name and r["phase"] == "sweep" and r["seed"] == st["sweep_seed"]
+    )
+    return (finals[1][1], finals[1][0] - finals[0][0]) if len(finals) > 1 else None
 
 
 def forgetting(runs: list[dict], sets: dict) -> dict:
@@ -349,38 +361,42 @@ def findings(summary: dict) -> list[str]:
     opts, h = summary["optimizers"], summary["horizon"]
     out = []
     for name, s in opts.items():
+        text = f"- **{name}**: best peak learning rate {s['lr']:g}"
+        if name != "AdamW":
+            text += f", {s['lr_ratio']:g}x AdamW's"
         if s["edge"]:
-            out.append(
-                f"- {name}'s best learning rate is at the edge of the grid: its "
-                "optimum may lie beyond it."
-            )
-        if name == "AdamW":
-            continue
-        side = "below" if s["diff"] < 0 else "above"
-        spread = max(s["std"], opts["AdamW"]["std"])
-        verdict = (
-            "every seed on the same side of every AdamW seed"
-            if s["separated"]
-            else "the seed ranges overlap"
-        )
-        reach = s["reach"]
-        if all(map(math.isfinite, reach)):
-            when = (
-                f"reaches AdamW's final loss after {np.mean(reach):,.0f} of "
-                f"{h:,} steps ({np.mean(reach) / h:.0%})"
-            )
-        else:
-            when = (
-                "does not reach AdamW's final loss in "
-                f"{sum(not math.isfinite(x) for x in reach)} of {len(reach)} seeds"
-            )
-        out.append(
-            f"- **{name}**: best peak learning rate {s['lr']:g}, "
-            f"{s['lr_ratio']:g}x AdamW's; ends {abs(s['diff']):.4f} nats/byte "
-            f"{side} AdamW ({abs(s['diff']) / spread:.1f} times the larger seed "
-            f"standard deviation; {verdict}); {when}."
-        )
+            text += " (at the edge of the grid: the optimum may lie beyond it)"
+        if s["runner_up"]:
+            lr, gap = s["runner_up"]
+            text += f"; the second best, {lr:g}, ended {gap:.4f} nats/byte behind"
+        if name != "AdamW":
+            text += "; " + comparison(s, opts["AdamW"]["std"], h)
+        out.append(text + ".")
     return out
+
+
+def comparison(s: dict, adamw_std: float, horizon: int) -> str:
+    side = "below" if s["diff"] < 0 else "above"
+    spread = max(s["std"], adamw_std)
+    verdict = (
+        "every seed on the same side of every AdamW seed"
+        if s["separated"]
+        else "the seed ranges overlap"
+    )
+    text = (
+        f"on the fresh seeds it ends {abs(s['diff']):.4f} nats/byte {side} AdamW "
+        f"({abs(s['diff']) / spread:.1f} times the larger seed standard deviation; "
+        f"{verdict}); "
+    )
+    reach = s["reach"]
+    if all(map(math.isfinite, reach)):
+        mean = float(np.mean(reach))
+        return text + (
+            f"reaches AdamW's final loss after {mean:,.0f} of {horizon:,} steps "
+            f"({mean / horizon:.0%})"
+        )
+    missed = sum(not math.isfinite(x) for x in reach)
+    return text + f"does not reach AdamW's final loss in {missed} of {len(reach)} seeds"
 
 
 def guide_block(summary: dict) -> str:
