@@ -204,6 +204,9 @@ def plot_sweep(results: dict, out_dir: pathlib.Path, plt):
         if pts:
             ax.plot(*zip(*pts), "o-", color=COLORS[name], label=name)
     ax.set_xscale("log", base=2)
+    lrs = results["settings"]["lrs"]
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
     ax.set(xlabel="peak learning rate (Simplified: AdamW-equivalent, see text)")
     ax.set(ylabel="final validation loss (nats/byte)", title=f"sweep, seed {seed}")
     ax.grid(alpha=0.3)
@@ -295,7 +298,13 @@ def tables(results: dict, summary: dict, img: str) -> str:
             cells.append(f"**{cell}**" if results["best_lr"].get(name) == lr else cell)
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     if not summary:
-        return "\n".join(lines + ["", "(The seed runs have not started yet.)"])
+        return "\n".join(
+            lines
+            + [
+                "",
+                "(No seed at the best learning rates is done for every optimizer yet.)",
+            ]
+        )
     h = summary["horizon"]
     lines += [
         "",
