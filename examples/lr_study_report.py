@@ -1,10 +1,12 @@
 """Plots and tables of `lr_study.py`'s results, made from its JSON alone.
 
 Writes `val_loss.png`, `lr_sweep.png` and `forgetting.png` next to the JSON, and
-replaces the text between `<!-- lr_study:begin -->` and `<!-- lr_study:end -->`
-in the results page (tables and numbers) and between `<!-- lr_study:guide:begin
--->` and `<!-- lr_study:guide:end -->` in the hyperparameter guide (the learning
-rates and the pay-off). Nothing in those blocks is typed by hand.
+replaces the text between `<!-- TAG:begin -->` and `<!-- TAG:end -->` in the
+results page (tables and numbers) and between `<!-- TAG:guide:begin -->` and
+`<!-- TAG:guide:end -->` in the hyperparameter guide (the learning rates and the
+pay-off), TAG being the name of the JSON's folder. Every JSON given (by default:
+the 5,000-step study and the 1,200-step one) is done in turn. Nothing in those
+blocks is typed by hand.
 
     python examples/lr_study_report.py
 """
@@ -36,8 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--json",
         type=pathlib.Path,
-        default=DEFAULT_JSON,
-        help="lr_study.py's results; the plots go next to it",
+        nargs="+",
+        default=[
+            DEFAULT_JSON,
+            DEFAULT_JSON.parent.with_name("lr_study_1200") / "lr_study.json",
+        ],
+        help="lr_study.py's results (missing ones are skipped); the plots go next to "
+        "each; its folder's name is the tag of its blocks in the pages",
     )
     parser.add_argument(
         "--results-md", type=pathlib.Path, default=pathlib.Path("docs/results.md")
@@ -457,15 +464,23 @@ def inject(path: pathlib.Path, tag: str, block: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Returns the summary of each study, by tag."""
     args = parse_args(argv)
-    results = json.loads(args.json.read_text())
-    summary = summarise(results)
-    plot_all(results, summary, args.json.parent)
-    img = os.path.relpath(args.json.parent, args.results_md.parent)
-    inject(args.results_md, "lr_study", tables(results, summary, img))
-    inject(args.guide_md, "lr_study:guide", guide_block(summary))
-    print(f"wrote the plots to {args.json.parent}, the tables to {args.results_md} ")
-    return summary
+    summaries = {}
+    for path in args.json:
+        if not path.exists():
+            print(f"{path} does not exist: skipped")
+            continue
+        results = json.loads(path.read_text())
+        summary = summarise(results)
+        plot_all(results, summary, path.parent)
+        img = os.path.relpath(path.parent, args.results_md.parent)
+        tag = path.parent.name
+        inject(args.results_md, tag, tables(results, summary, img))
+        inject(args.guide_md, f"{tag}:guide", guide_block(summary))
+        print(f"{path}: plots next to it, tables in {args.results_md} ({tag})")
+        summaries[tag] = summary
+    return summaries
 
 
 if __name__ == "__main__":

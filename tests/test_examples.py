@@ -128,7 +128,12 @@ def test_lr_study_and_report(tmp_path):
     lr_study = _load("lr_study")
     study = TINY + ["--optimizers", "AdamW", "--lrs", "1e-3", "2e-3", "--seeds", "1"]
     study += ["--forget-batches", "2", "--forget-every", "10"]
-    study += ["--final-eval-batches", "2", "--json", str(tmp_path / "s.json")]
+    study += [
+        "--final-eval-batches",
+        "2",
+        "--json",
+        str(tmp_path / "lr_study" / "s.json"),
+    ]
     results = lr_study.main(study)
     assert set(results["runs"]) == {
         "AdamW lr=0.001 seed=0",
@@ -151,13 +156,14 @@ def test_lr_study_and_report(tmp_path):
             f"before\n<!-- {tag}:begin -->\nOLD TEXT\n<!-- {tag}:end -->\n"
         )
     summary = report.main(
-        ["--json", str(tmp_path / "s.json"), "--results-md", str(pages["lr_study"])]
+        ["--json", str(tmp_path / "lr_study" / "s.json")]
+        + ["--results-md", str(pages["lr_study"])]
         + ["--guide-md", str(pages["lr_study:guide"])]
-    )
+    )["lr_study"]
     assert summary["optimizers"]["AdamW"]["lr_ratio"] == 1
     text = pages["lr_study"].read_text()
     assert (
         text.startswith("before\n") and "OLD TEXT" not in text and "| 0.002 |" in text
     )
     for png in ("val_loss", "lr_sweep", "forgetting"):
-        assert (tmp_path / f"{png}.png").stat().st_size > 10_000
+        assert (tmp_path / "lr_study" / f"{png}.png").stat().st_size > 10_000
