@@ -345,10 +345,10 @@ def tables(results: dict, summary: dict, img: str) -> str:
             lr += f" (step: {s['lr'] * SIMPLIFIED_LR_FACTOR:.2g})"
         rng = f"[{min(s['finals']):.4f}, {max(s['finals']):.4f}]"
         apart = "—" if name == "AdamW" else ("yes" if s["separated"] else "no")
+        reach = "(the target)" if name == "AdamW" else fmt_steps(s["reach"], h)
         lines.append(
             f"| {name} | {lr} | {s['lr_ratio']:g}x | {s['mean']:.4f} ± "
-            f"{s['std']:.4f} {rng} | {s['diff']:+.4f} | {apart} | "
-            f"{fmt_steps(s['reach'], h)} |"
+            f"{s['std']:.4f} {rng} | {s['diff']:+.4f} | {apart} | {reach} |"
         )
     sets = st["forget_sets"]
     fsteps = next(iter(summary["optimizers"].values()))["forget"]["steps"]
@@ -432,9 +432,34 @@ def comparison(s: dict, adamw_std: float, horizon: int) -> str:
     return text + f"does not reach AdamW's final loss in {missed} of {len(reach)} seeds"
 
 
-def guide_block(summary: dict) -> str:
+def sweep_only_block(results: dict) -> str:
+    """Before any seed is done: the sweep's best of each optimizer (one seed)."""
+    st = results["settings"]
+    best = {}
+    for r in results["runs"].values():
+        if r["phase"] == "sweep" and r["seed"] == st["sweep_seed"]:
+            best[r["name"]] = min(
+                best.get(r["name"], (math.inf,)), (r["final_val_loss"], r["lr"])
+            )
+    if "AdamW" not in best:
+        return "(No run has finished yet.)"
+    lines = [
+        f"Only the sweep (seed {st['sweep_seed']}) has run so far: no seed "
+        "spread, no steps to AdamW's loss.",
+        "",
+        "| optimizer | best peak lr so far / AdamW's | its final loss − AdamW's best |",
+        "| --- | ---: | ---: |",
+    ]
+    base_loss, base_lr = best["AdamW"]
+    for name, (loss, lr) in best.items():
+        if name != "AdamW":
+            lines.append(f"| {name} | {lr / base_lr:g}x | {loss - base_loss:+.4f} |")
+    return "\n".join(lines)
+
+
+def guide_block(summary: dict, results: dict) -> str:
     if not summary:
-        return "(The study has not finished; no numbers yet.)"
+        return sweep_only_block(results)
     opts, h = summary["optimizers"], summary["horizon"]
     lines = [
         "| optimizer | best peak lr / AdamW's | final loss − AdamW's "
@@ -477,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         img = os.path.relpath(path.parent, args.results_md.parent)
         tag = path.parent.name
         inject(args.results_md, tag, tables(results, summary, img))
-        inject(args.guide_md, f"{tag}:guide", guide_block(summary))
+        inject(args.guide_md, f"{tag}:guide", guide_block(summary, results))
         print(f"{path}: plots next to it, tables in {args.results_md} ({tag})")
         summaries[tag] = summary
     return summaries
