@@ -32,6 +32,8 @@ steps) to `--out-dir`. Runs checkpoint every evaluation (model and optimizer sta
     python examples/char_lm.py --help
 
 Results depend on the Python version (its standard library is the corpus).
+Only AdamW's learning rate is tuned here; `lr_study.py` gives each optimizer its
+own learning-rate sweep and seeds, with this script's model and optimizers.
 """
 
 import argparse

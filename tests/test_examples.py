@@ -120,3 +120,50 @@ def test_steps_to_reach():
     assert char_lm.steps_to_reach(steps, losses, 2.5) == pytest.approx(15.0)
     assert char_lm.steps_to_reach(steps, losses, 3.5) == 10.0
     assert char_lm.steps_to_reach(steps, losses, 0.5) == float("inf")
+
+
+def test_lr_study_and_report(tmp_path):
+    """The study in quick mode (AdamW only: two learning rates, then one seed at the
+    better one), a rerun that finds every run done, and the report from its JSON."""
+    lr_study = _load("lr_study")
+    study = TINY + ["--optimizers", "AdamW", "--lrs", "1e-3", "2e-3", "--seeds", "1"]
+    study += ["--forget-batches", "2", "--forget-every", "10"]
+    study += [
+        "--final-eval-batches",
+        "2",
+        "--json",
+        str(tmp_path / "lr_study" / "s.json"),
+    ]
+    results = lr_study.main(study)
+    assert set(results["runs"]) == {
+        "AdamW lr=0.001 seed=0",
+        "AdamW lr=0.002 seed=0",
+        f"AdamW lr={results['best_lr']['AdamW']:g} seed=1",
+    }
+    run = results["runs"][f"AdamW lr={results['best_lr']['AdamW']:g} seed=1"]
+    assert run["forget_steps"] == [10, 20] and len(run["middle_loss"]) == 2
+    assert np.all(np.isfinite(run["val_loss"])) and run["final_val_loss"] < 6
+    again = lr_study.main(study)  # every run is in the JSON: nothing is trained
+    assert again["runs"] == results["runs"] and len(again["sessions"]) == 2
+    with pytest.raises(ValueError, match="other settings"):
+        lr_study.main(study + ["--seeds", "2"])
+
+    report = _load("lr_study_report")
+    pages = {}
+    for tag in ("lr_study", "lr_study:guide"):
+        pages[tag] = tmp_path / f"{tag.replace(':', '_')}.md"
+        pages[tag].write_text(
+            f"before\n<!-- {tag}:begin -->\nOLD TEXT\n<!-- {tag}:end -->\n"
+        )
+    summary = report.main(
+        ["--json", str(tmp_path / "lr_study" / "s.json")]
+        + ["--results-md", str(pages["lr_study"])]
+        + ["--guide-md", str(pages["lr_study:guide"])]
+    )["lr_study"]
+    assert summary["optimizers"]["AdamW"]["lr_ratio"] == 1
+    text = pages["lr_study"].read_text()
+    assert (
+        text.startswith("before\n") and "OLD TEXT" not in text and "| 0.002 |" in text
+    )
+    for png in ("val_loss", "lr_sweep", "forgetting"):
+        assert (tmp_path / "lr_study" / f"{png}.png").stat().st_size > 10_000
