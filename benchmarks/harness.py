@@ -142,17 +142,17 @@ def donated_step(tx: Any) -> Callable:
 
 
 def time_steps(
-    shapes: Any, rounds: int, steps: int, desc: str
+    shapes: Any, rounds: int, steps: int, desc: str, extra: dict | None = None
 ) -> tuple[dict, dict, int, int]:
     """Interleaved timing of a donated step of every variant on `shapes`:
     `(times per round in seconds per step, {name: bytes per parameter},
-    parameter count, leaf count)`."""
+    parameter count, leaf count)`. `extra`: more variants, as `variants()`."""
     import jax
 
     params, grads = materialise(shapes)
     n = count_params(params)
     cases, info = {}, {}
-    for name, make in variants().items():
+    for name, make in {**variants(), **(extra or {})}.items():
         tx = make(1e-3)
         step = donated_step(tx)
         carry = [jax.tree.map(lambda x: x.copy(), params), None]
