@@ -222,10 +222,10 @@ class BlockwiseFloat8(AbstractBlockwiseStorage):
 
     Encoding and decoding are a dozen integer operations on float32 bit
     patterns, where [`eqx_ademamix.Blockwise8Bit`][]'s dynamic tree code needs
-    a chain of comparisons per element: the step is several times faster on CPU
-    and compiles in a fraction of the time (see the benchmarks). It is
-    backend-agnostic (no float8 hardware needed; on GPUs with float8 support,
-    the signed codes can be bitcast to `jnp.float8_e4m3fn`).
+    a chain of comparisons per element: the step is faster and the program
+    compiles in a fraction of the time (see the benchmarks), at the price of a
+    coarser code near each block's maximum. It is backend-agnostic (no float8
+    hardware needed; the signed codes are `jnp.float8_e4m3fn` bit patterns).
 
     Writes round stochastically (up or down to a neighbouring code, with the
     probability that makes the expected stored value exact), so slow EMAs such
