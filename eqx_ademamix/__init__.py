@@ -23,6 +23,10 @@ from ._faults import (
     SkipNonFinite as SkipNonFinite,
     SkipNonFiniteState as SkipNonFiniteState,
 )
+from ._float8 import (
+    BlockwiseFloat8 as BlockwiseFloat8,
+    BlockwiseFloat8Array as BlockwiseFloat8Array,
+)
 from ._layout import (
     AbstractLayout as AbstractLayout,
     Packed as Packed,
@@ -88,6 +92,8 @@ __all__ = [
     "Beta3Schedule",
     "Blockwise8Bit",
     "Blockwise8BitArray",
+    "BlockwiseFloat8",
+    "BlockwiseFloat8Array",
     "CastStorage",
     "MomentSpec",
     "Packed",

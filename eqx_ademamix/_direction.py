@@ -497,8 +497,10 @@ class AbstractAdamDirection(AbstractDirection):
                 # The parameter's dtype: `nu` holds its real counterpart.
                 reference = jnp.dtype(moment_spec(second[i])[2])
                 if jnp.issubdtype(unit.dtype, jnp.complexfloating):
-                    wide = reference.itemsize > 4
-                    reference = jnp.dtype(jnp.complex128 if wide else jnp.complex64)
+                    # (not `result_type`: strict dtype promotion refuses it)
+                    reference = jnp.dtype(
+                        jnp.complex128 if reference.itemsize > 4 else jnp.complex64
+                    )
                 dtype, check_dtype = reference, True
             like = jax.ShapeDtypeStruct(unit.shape, unit.dtype)
             want = self.storage.spec(like, dtype, signed)

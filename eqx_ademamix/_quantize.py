@@ -29,10 +29,11 @@ are two consecutive integers; the signed byte 0b1000_0000 (negative zero) is
 never written.
 """
 
+import abc
 import functools
 import math
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -157,7 +158,7 @@ def lower_code_search(m: Float[Array, "*shape"], bits: int) -> Int[Array, "*shap
     return jnp.clip(code, 0, 2**bits - 1)
 
 
-def _divide(
+def divide_by_scale(
     x: Float[Array, "blocks block_size"], d: Float[Array, " blocks"]
 ) -> Float[Array, "blocks block_size"]:
     """`x / d[:, None]` for `d >= 0` (0 where `d == 0`), exact in the exponent.
@@ -206,7 +207,7 @@ def quantize_blocks(
     finite = jnp.isfinite(absmax)
     absmax32 = jnp.where(finite, absmax, 0).astype(jnp.float32)
     # Divide by the float32 absmax that is stored, so reading back is consistent.
-    m = jnp.minimum(_divide(magnitude, absmax32.astype(dtype)), 1)
+    m = jnp.minimum(divide_by_scale(magnitude, absmax32.astype(dtype)), 1)
     if not signed:
         m = jnp.where(blocks > 0, m, 0)
     find = lower_code_search if search else lower_code_direct
@@ -252,7 +253,123 @@ def dequantize_blocks(
     return value * absmax.astype(dtype)[:, None]
 
 
-class Blockwise8BitArray(AbstractEncodedArray):
+class AbstractBlockwiseArray(AbstractEncodedArray):
+    """A moment leaf stored as blocks of 8-bit codes with one float32 scale per
+    block (absmax, the block's largest magnitude; NaN marks a block that was
+    written a NaN or an infinity). Reading, re-encoding, the spec, the
+    description and the shardings are written here once; a final class declares
+    its fields and its code: `quantize` (blocks to codes and absmax),
+    `dequantize_codes` (back), `rounding_bits` and `code_name`."""
+
+    codes: eqx.AbstractVar[UInt8[Array, "blocks block_size"]]
+    absmax: eqx.AbstractVar[Float32[Array, " blocks"]]
+    dtype: eqx.AbstractVar[Any]
+    signed: eqx.AbstractVar[bool]
+    stochastic_rounding: eqx.AbstractVar[bool]
+
+    @abc.abstractmethod
+    def quantize(
+        self,
+        blocks: Float[Array, "blocks block_size"],
+        bits: UInt32[Array, "blocks block_size"] | None,
+    ) -> tuple[UInt8[Array, "blocks block_size"], Float32[Array, " blocks"]]:
+        """`(codes, absmax)` of `blocks` (in `self.dtype`); `bits` drive
+        stochastic rounding (`None`: round to nearest)."""
+
+    @abc.abstractmethod
+    def dequantize_codes(self) -> Float[Array, "blocks block_size"]:
+        """The values of `self.codes` times their block's absmax, in `self.dtype`."""
+
+    @abc.abstractmethod
+    def rounding_bits(
+        self, shape: tuple[int, ...], seed: UInt32[Array, ""]
+    ) -> UInt32[Array, "..."]:
+        """32 random bits per element of `shape` for this step's `seed`."""
+
+    @classmethod
+    @abc.abstractmethod
+    def code_name(cls, signed: bool) -> str:
+        """Words for the code, for specs and errors."""
+
+    @property
+    def block_size(self) -> int:
+        return self.codes.shape[1]
+
+    def dequantize(self) -> Float[Array, "..."]:
+        """The stored values, shaped like the moment, in `self.dtype`."""
+        values = self.dequantize_codes()
+        size = math.prod(self.shape)
+        flat = values.reshape(-1)
+        if flat.shape[0] != size:
+            flat = flat[:size]
+        return flat.reshape(self.shape)
+
+    def decode(self) -> Float[Array, "..."]:
+        return self.dequantize()
+
+    def encode(
+        self, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+    ) -> "AbstractBlockwiseArray":
+        blocks = to_blocks(value.astype(self.dtype), self.block_size)
+        bits = (
+            self.rounding_bits(blocks.shape, seed) if self.stochastic_rounding else None
+        )
+        codes, absmax = self.quantize(blocks, bits)
+        # Quantize once: XLA otherwise fuses the whole encoding into every later
+        # read of the new moment (the direction reads it back) and recomputes it
+        # there from the old state, which it must then copy before overwriting a
+        # donated buffer. (XLA's CPU compiler drops the barrier before fusion, so
+        # on CPU the recomputation remains.)
+        codes, absmax = lax.optimization_barrier((codes, absmax))
+        return eqx.tree_at(lambda a: (a.codes, a.absmax), self, (codes, absmax))
+
+    @classmethod
+    def static_spec(
+        cls,
+        shape: tuple[int, ...],
+        dtype: Any,
+        signed: bool,
+        block_size: int,
+        stochastic_rounding: bool,
+    ) -> tuple:
+        """The `moment_spec` of an array of this class with these static fields."""
+        rounding = "" if stochastic_rounding else ", round-to-nearest"
+        words = (
+            f"{cls.code_name(signed)} in blocks of {block_size}{rounding} for shape "
+            f"{tuple(shape)}"
+        )
+        return (
+            cls.__name__,
+            tuple(int(n) for n in shape),
+            jnp.dtype(dtype).name,
+            bool(signed),
+            int(block_size),
+            bool(stochastic_rounding),
+            words,
+        )
+
+    def spec(self) -> tuple:
+        return self.static_spec(
+            self.shape,
+            self.dtype,
+            self.signed,
+            self.block_size,
+            self.stochastic_rounding,
+        )
+
+    def describe(self) -> str:
+        return self.spec()[-1]
+
+    def shardings(self, sharding: Any) -> "AbstractBlockwiseArray":
+        # tree_at, not a constructor call: the arrays become shardings.
+        return eqx.tree_at(
+            lambda a: (a.codes, a.absmax),
+            self,
+            block_shardings(sharding, self.codes.shape[0]),
+        )
+
+
+class Blockwise8BitArray(AbstractBlockwiseArray):
     """One moment leaf stored in blockwise 8-bit form (see
     `eqx_ademamix.Blockwise8Bit`).
 
@@ -274,77 +391,18 @@ class Blockwise8BitArray(AbstractEncodedArray):
     signed: bool = eqx.field(static=True)
     stochastic_rounding: bool = eqx.field(static=True, default=True)
 
-    @property
-    def block_size(self) -> int:
-        return self.codes.shape[1]
+    def quantize(self, blocks, bits):
+        return quantize_blocks(blocks, self.signed, bits)
 
-    def dequantize(self) -> Float[Array, "..."]:
-        """The stored values, shaped like the moment, in `self.dtype`."""
-        values = dequantize_blocks(self.codes, self.absmax, self.signed, self.dtype)
-        size = math.prod(self.shape)
-        return values.reshape(-1)[:size].reshape(self.shape)
+    def dequantize_codes(self):
+        return dequantize_blocks(self.codes, self.absmax, self.signed, self.dtype)
 
-    def decode(self) -> Float[Array, "..."]:
-        return self.dequantize()
+    def rounding_bits(self, shape, seed):
+        return hash_bits(shape, seed)
 
-    def encode(
-        self, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
-    ) -> "Blockwise8BitArray":
-        blocks = to_blocks(value.astype(self.dtype), self.block_size)
-        bits = hash_bits(blocks.shape, seed) if self.stochastic_rounding else None
-        codes, absmax = quantize_blocks(blocks, self.signed, bits)
-        return Blockwise8BitArray(
-            codes=codes,
-            absmax=absmax,
-            shape=self.shape,
-            dtype=self.dtype,
-            signed=self.signed,
-            stochastic_rounding=self.stochastic_rounding,
-        )
-
-    def spec(self) -> tuple:
-        return blockwise_spec(
-            self.shape,
-            self.dtype,
-            self.signed,
-            self.block_size,
-            self.stochastic_rounding,
-        )
-
-    def describe(self) -> str:
-        return self.spec()[-1]
-
-    def shardings(self, sharding: Any) -> "Blockwise8BitArray":
-        # tree_at, not a constructor call: the arrays become shardings.
-        return eqx.tree_at(
-            lambda a: (a.codes, a.absmax),
-            self,
-            block_shardings(sharding, self.codes.shape[0]),
-        )
-
-
-def blockwise_spec(
-    shape: tuple[int, ...],
-    dtype: Any,
-    signed: bool,
-    block_size: int,
-    stochastic_rounding: bool,
-) -> tuple:
-    """The `moment_spec` of a `Blockwise8BitArray` with these static fields."""
-    rounding = "" if stochastic_rounding else ", round-to-nearest"
-    words = (
-        f"8-bit blocks of {block_size} ({'signed' if signed else 'unsigned'}"
-        f"{rounding}) for shape {tuple(shape)}"
-    )
-    return (
-        "Blockwise8BitArray",
-        tuple(int(n) for n in shape),
-        jnp.dtype(dtype).name,
-        bool(signed),
-        int(block_size),
-        bool(stochastic_rounding),
-        words,
-    )
+    @classmethod
+    def code_name(cls, signed: bool) -> str:
+        return f"8-bit dynamic tree codes ({'signed' if signed else 'unsigned'})"
 
 
 def block_shardings(sharding: Any, blocks: int) -> tuple[Any, Any]:
@@ -386,7 +444,103 @@ def to_blocks(
     return flat.reshape(-1, block_size)
 
 
-class Blockwise8Bit(AbstractMomentStorage):
+def zero_blocks(
+    like: Inexact[Array, "..."], block_size: int
+) -> tuple[UInt8[Array, "blocks block_size"], Float32[Array, " blocks"]]:
+    """Zero codes `(blocks, block_size)` and zero scales `(blocks,)` for a moment
+    of `like`'s shape, sharded like `like` (along the block axis, see
+    `block_shardings`)."""
+    blocks = -(-math.prod(like.shape) // block_size)
+    if isinstance(like, jax.core.Tracer):
+        # Under `jit`: zero codes computed from the parameter, so that they
+        # follow its sharding (see `_storage.zeros_from`).
+        zeros = to_blocks(zeros_from(like, jnp.float32), block_size)
+        return zeros.astype(jnp.uint8), jnp.max(zeros, axis=1)
+    codes = jnp.zeros((blocks, block_size), jnp.uint8)
+    absmax = jnp.zeros((blocks,), jnp.float32)
+    sharding = getattr(like, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        # Eagerly: the blocks of a sharded parameter, sharded alike.
+        codes_sharding, absmax_sharding = block_shardings(sharding, blocks)
+        codes = jax.device_put(codes, codes_sharding)
+        absmax = jax.device_put(absmax, absmax_sharding)
+    return codes, absmax
+
+
+class AbstractBlockwiseStorage(AbstractMomentStorage):
+    """A storage that keeps each moment leaf of at least `min_size` elements as
+    blocks of `block_size` codes with one float32 scale per block, and smaller or
+    complex leaves as plain arrays. Validation, the choice of leaves, `init`,
+    `spec` and the warning for a configuration that quantizes nothing are
+    written here once; a final storage declares the three fields and says which
+    encoded array it builds (`encoded`) and its spec (`encoded_spec`)."""
+
+    block_size: eqx.AbstractVar[int]
+    min_size: eqx.AbstractVar[int]
+    stochastic_rounding: eqx.AbstractVar[bool]
+
+    def __check_init__(self):
+        for name, low in (("block_size", 1), ("min_size", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"`{name}` must be an integer >= {low}, got {name}={value!r}."
+                )
+        if not isinstance(self.stochastic_rounding, bool):
+            raise ValueError(
+                "`stochastic_rounding` must be True or False, got "
+                f"stochastic_rounding={self.stochastic_rounding!r}."
+            )
+
+    encoded_type: eqx.AbstractClassVar[type[AbstractBlockwiseArray]]
+
+    def _quantizes(self, shape: tuple[int, ...], dtype: Any) -> bool:
+        return math.prod(shape) >= max(self.min_size, 1) and not jnp.issubdtype(
+            dtype, jnp.complexfloating
+        )
+
+    def init(
+        self, like: Inexact[Array, "..."], dtype: Any, signed: bool
+    ) -> AbstractEncodedArray | Inexact[Array, "..."]:
+        shape = tuple(like.shape)
+        if not self._quantizes(shape, like.dtype) or not self._quantizes(shape, dtype):
+            return zeros_from(like, dtype)
+        codes, absmax = zero_blocks(like, self.block_size)
+        return self.encoded_type(
+            codes=codes,
+            absmax=absmax,
+            shape=shape,
+            dtype=compute_dtype(real_dtype(dtype)),
+            signed=signed,
+            stochastic_rounding=self.stochastic_rounding,
+        )
+
+    def spec(self, like: Any, dtype: Any, signed: bool) -> tuple:
+        shape = tuple(like.shape)
+        if not self._quantizes(shape, like.dtype) or not self._quantizes(shape, dtype):
+            return ("array", tuple(int(n) for n in shape), jnp.dtype(dtype).name)
+        return self.encoded_type.static_spec(
+            shape,
+            compute_dtype(real_dtype(dtype)),
+            signed,
+            self.block_size,
+            self.stochastic_rounding,
+        )
+
+    def notice(self, shapes: list[tuple[int, ...]]) -> None:
+        sizes = [math.prod(s) for s in shapes]
+        if sizes and max(sizes) < max(self.min_size, 1):
+            warnings.warn(
+                f"{type(self).__name__}(min_size={self.min_size}) stores no moment "
+                f"in 8 bits: the largest has {max(sizes)} elements. Pass "
+                f"min_size={max(sizes)} (or less) to quantize it, or drop "
+                "`storage=` (`quantized=`) for plain state.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
+class Blockwise8Bit(AbstractBlockwiseStorage):
     r"""Store optimizer moments in 8 bits per element: blockwise dynamic (tree)
     quantization with stochastic rounding.
 
@@ -448,76 +602,7 @@ class Blockwise8Bit(AbstractMomentStorage):
     min_size: int = eqx.field(static=True, default=4096)
     stochastic_rounding: bool = eqx.field(static=True, default=True)
 
-    def __check_init__(self):
-        for name, low in (("block_size", 1), ("min_size", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(
-                    f"`{name}` must be an integer >= {low}, got {name}={value!r}."
-                )
-        if not isinstance(self.stochastic_rounding, bool):
-            raise ValueError(
-                "`stochastic_rounding` must be True or False, got "
-                f"stochastic_rounding={self.stochastic_rounding!r}."
-            )
-
-    def _quantizes(self, shape: tuple[int, ...], dtype: Any) -> bool:
-        return math.prod(shape) >= max(self.min_size, 1) and not jnp.issubdtype(
-            dtype, jnp.complexfloating
-        )
-
-    def init(
-        self, like: Inexact[Array, "..."], dtype: Any, signed: bool
-    ) -> Blockwise8BitArray | Inexact[Array, "..."]:
-        shape = tuple(like.shape)
-        if not self._quantizes(shape, like.dtype) or not self._quantizes(shape, dtype):
-            return zeros_from(like, dtype)
-        blocks = -(-math.prod(shape) // self.block_size)
-        if isinstance(like, jax.core.Tracer):
-            # Under `jit`: zero codes computed from the parameter, so that they
-            # follow its sharding (see `_storage.zeros_from`).
-            zeros = to_blocks(zeros_from(like, jnp.float32), self.block_size)
-            codes, absmax = zeros.astype(jnp.uint8), jnp.max(zeros, axis=1)
-        else:
-            codes = jnp.zeros((blocks, self.block_size), jnp.uint8)
-            absmax = jnp.zeros((blocks,), jnp.float32)
-            sharding = getattr(like, "sharding", None)
-            if isinstance(sharding, NamedSharding):
-                # Eagerly: the blocks of a sharded parameter, sharded alike.
-                codes_sharding, absmax_sharding = block_shardings(sharding, blocks)
-                codes = jax.device_put(codes, codes_sharding)
-                absmax = jax.device_put(absmax, absmax_sharding)
-        return Blockwise8BitArray(
-            codes=codes,
-            absmax=absmax,
-            shape=shape,
-            dtype=compute_dtype(real_dtype(dtype)),
-            signed=signed,
-            stochastic_rounding=self.stochastic_rounding,
-        )
-
-    def spec(self, like: Any, dtype: Any, signed: bool) -> tuple:
-        shape = tuple(like.shape)
-        if not self._quantizes(shape, like.dtype) or not self._quantizes(shape, dtype):
-            return ("array", tuple(int(n) for n in shape), jnp.dtype(dtype).name)
-        return blockwise_spec(
-            shape,
-            compute_dtype(real_dtype(dtype)),
-            signed,
-            self.block_size,
-            self.stochastic_rounding,
-        )
-
-    def notice(self, shapes: list[tuple[int, ...]]) -> None:
-        sizes = [math.prod(s) for s in shapes]
-        if sizes and max(sizes) < max(self.min_size, 1):
-            warnings.warn(
-                f"Blockwise8Bit(min_size={self.min_size}) stores no moment in 8 bits: "
-                f"the largest has {max(sizes)} elements. Pass min_size={max(sizes)} "
-                "(or less) to quantize it, or drop `quantized=` for plain state.",
-                UserWarning,
-                stacklevel=4,
-            )
+    encoded_type: ClassVar[type[AbstractBlockwiseArray]] = Blockwise8BitArray
 
 
 def state_bytes(state: PyTree) -> int:

@@ -33,7 +33,7 @@ def test_import_does_not_start_the_backend():
 CONFIGS = [
     Variant(a, s, layout)
     for a in ("ademamix", "simplified")
-    for s in ("f32", "bf16", "8bit")
+    for s in ("f32", "bf16", "8bit", "fp8")
     for layout in ("leaf", "packed")
 ]
 

@@ -472,7 +472,7 @@ def _moments_after(opt, grad_fn, steps, n):
     state, _ = jax.lax.scan(body, opt.init(params), jnp.arange(steps))
 
     def read(x):
-        return x.dequantize() if isinstance(x, eam.Blockwise8BitArray) else x
+        return x.decode() if isinstance(x, eam.AbstractEncodedArray) else x
 
     return {
         name: np.asarray(read(getattr(state, name)), np.float64)
@@ -481,15 +481,17 @@ def _moments_after(opt, grad_fn, steps, n):
 
 
 _B8 = eam.Blockwise8Bit(min_size=1024)
+_EIGHT_BIT_STORAGES = [_B8, eam.BlockwiseFloat8(min_size=1024)]
 
 
-def test_constant_gradient_20k_steps_matches_float64(getkey):
+@pytest.mark.parametrize("storage", _EIGHT_BIT_STORAGES, ids=["tree", "float8"])
+def test_constant_gradient_20k_steps_matches_float64(getkey, storage):
     """The bfloat16 test of the core package, in 8 bits: 20,000 steps of a constant
     gradient; m2 (b3 = 0.9999) and nu must be within 1% of their float64 values
     on average, each element within 10% (standard deviation of the ratio)."""
     n, steps = 1024, 20_000
     g = _spread_gradient(getkey(), n)
-    opt = eam.AdEMAMix(0.0, b3=0.9999, quantized=_B8)
+    opt = eam.AdEMAMix(0.0, b3=0.9999, storage=storage)
     got = _moments_after(opt, lambda t: g, steps, n)
     g64 = np.asarray(g, np.float64)
     expected = {
@@ -503,7 +505,8 @@ def test_constant_gradient_20k_steps_matches_float64(getkey):
         assert ratio.std() < 0.1, (name, ratio.std())
 
 
-def test_noisy_gradients_20k_steps_match_float32(getkey):
+@pytest.mark.parametrize("storage", _EIGHT_BIT_STORAGES, ids=["tree", "float8"])
+def test_noisy_gradients_20k_steps_match_float32(getkey, storage):
     """Gradients with noise three times their mean: after 20,000 steps, m2 and nu
     agree with float32 state on average (the component of the 8-bit moments
     along float32's, relative to its size) to 15%. (Measured: within 1%; with
@@ -515,14 +518,15 @@ def test_noisy_gradients_20k_steps_match_float32(getkey):
         return mean + 3 * jr.normal(jr.fold_in(key, t), (n,))
 
     ref = _moments_after(eam.AdEMAMix(0.0), grad, steps, n)
-    got = _moments_after(eam.AdEMAMix(0.0, quantized=_B8), grad, steps, n)
+    got = _moments_after(eam.AdEMAMix(0.0, storage=storage), grad, steps, n)
     for name in ("m1", "m2", "nu"):
         agreement = np.sum(got[name] * ref[name]) / np.sum(ref[name] ** 2)
         assert abs(agreement - 1) < 0.15, (name, agreement)
 
 
 @pytest.mark.parametrize("stochastic", [True, False])
-def test_steady_block_maximum_needs_stochastic_rounding(stochastic):
+@pytest.mark.parametrize("storage_type", [eam.Blockwise8Bit, eam.BlockwiseFloat8])
+def test_steady_block_maximum_needs_stochastic_rounding(stochastic, storage_type):
     """When a block's maximum holds still and the other elements move by tiny
     increments, round-to-nearest drops every increment: the slow EMA of the small
     elements stalls near 0. Stochastic rounding keeps it right on average.
@@ -534,7 +538,7 @@ def test_steady_block_maximum_needs_stochastic_rounding(stochastic):
     g = np.asarray(_spread_gradient(jr.key(7), n), np.float64)
     m0 = np.zeros(n)
     m0[::256] = 10.0
-    storage = eam.Blockwise8Bit(min_size=0, stochastic_rounding=stochastic)
+    storage = storage_type(min_size=0, stochastic_rounding=stochastic)
     stored = storage.write(
         storage.init(jnp.zeros(n), jnp.float32, True),
         jnp.asarray(m0, jnp.float32),

@@ -17,11 +17,13 @@ import jax.numpy as jnp
 
 
 EIGHT_BIT = eam.Blockwise8Bit(block_size=64, min_size=256)
+FLOAT8 = eam.BlockwiseFloat8(block_size=64, min_size=256)
 PACKED = eam.Packed(max_size=300)
 STORAGES = {
     "f32": {},
     "bf16": {"mu_dtype": jnp.bfloat16},
     "8bit": {"storage": EIGHT_BIT},
+    "fp8": {"storage": FLOAT8},
 }
 LAYOUTS = {"leaf": {}, "packed": {"layout": PACKED}}
 ALGORITHMS = {

@@ -12,6 +12,13 @@ from .._direction import (
     value_at as value_at,
     zero_to_none as zero_to_none,
 )
+from .._float8 import (
+    decode_magnitude_float8 as decode_magnitude_float8,
+    dequantize_float8 as dequantize_float8,
+    encode_magnitude as encode_magnitude,
+    float8_format as float8_format,
+    quantize_float8 as quantize_float8,
+)
 from .._layout import (
     AbstractPlan as AbstractPlan,
     PACK_MAX_SIZE as PACK_MAX_SIZE,
