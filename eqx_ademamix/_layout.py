@@ -38,7 +38,7 @@ from ._tree import is_none
 
 
 # Leaves with more elements than this keep their own buffer. Near the measured
-# crossover on CPU (see benchmarks/RESULTS.md): packing a leaf saves a few
+# crossover on CPU (benchmarks/dispatch.py): packing a leaf saves a few
 # microseconds of per-array overhead and costs ~16 bytes of traffic per element.
 PACK_MAX_SIZE = 4096
 
