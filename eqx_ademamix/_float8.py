@@ -218,10 +218,10 @@ class BlockwiseFloat8(AbstractBlockwiseStorage):
     6-12%, full resolution over 15 binades below the block's maximum, subnormals
     below); the second moment `nu` an unsigned float with 5 exponent and 3
     mantissa bits (31 binades, about 9 decades, like
-    [`eqx_ademamix.Blockwise8Bit`][]'s unsigned code book).
+    `eqx_ademamix.Blockwise8Bit`'s unsigned code book).
 
     Encoding and decoding are a dozen integer operations on float32 bit
-    patterns, where [`eqx_ademamix.Blockwise8Bit`][]'s dynamic tree code needs
+    patterns, where `eqx_ademamix.Blockwise8Bit`'s dynamic tree code needs
     a chain of comparisons per element: the step is faster and the program
     compiles in a fraction of the time (see the benchmarks), at the price of a
     coarser code near each block's maximum. It is backend-agnostic (no float8
@@ -243,7 +243,7 @@ class BlockwiseFloat8(AbstractBlockwiseStorage):
     the whole block reads back as NaN (its codes are unspecified). A block of
     zeros stores absmax 0. A positive second moment never rounds to 0: below
     the smallest code it rounds up to it. Sharding: as
-    [`eqx_ademamix.Blockwise8Bit`][] (codes and absmax sharded along the block
+    `eqx_ademamix.Blockwise8Bit` (codes and absmax sharded along the block
     axis).
 
     !!! example

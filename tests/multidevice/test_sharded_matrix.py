@@ -18,22 +18,26 @@ def mesh():
     return jax.make_mesh((8,), ("data",))
 
 
-def _shard_params(mesh):
-    p = params()
-    spec = {"w": P("data", None)}
+def _put(tree, shardings):
+    """`tree` placed with `shardings` (`None` leaves stay `None`)."""
     return jax.tree.map(
-        lambda x, path=None: x,
-        p,
-        is_leaf=lambda x: x is None,
-    ), jax.tree_util.tree_map_with_path(
-        lambda path, x: (
-            None
-            if x is None
-            else NamedSharding(mesh, spec.get(jax.tree_util.keystr(path)[2:-2], P()))
-        ),
-        p,
-        is_leaf=lambda x: x is None,
+        lambda x, s: jax.device_put(x, s), tree, shardings, is_leaf=lambda x: x is None
     )
+
+
+def _shard_params(mesh):
+    """The variants' parameters, their shardings (the large leaf `w` split by rows
+    over the 8 devices, the rest replicated) and the parameters placed so."""
+    p = params()
+    shardings = {
+        key: None
+        if leaf is None
+        else jax.tree.map(
+            lambda _: NamedSharding(mesh, P("data", None) if key == "w" else P()), leaf
+        )
+        for key, leaf in p.items()
+    }
+    return p, shardings, _put(p, shardings)
 
 
 def _moment_arrays(state):
@@ -49,10 +53,7 @@ def _moment_arrays(state):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_state_follows_params_and_steps_match(mesh, variant):
-    p, shardings = _shard_params(mesh)
-    sharded = jax.tree.map(
-        lambda x, s: jax.device_put(x, s), p, shardings, is_leaf=lambda x: x is None
-    )
+    p, shardings, sharded = _shard_params(mesh)
     opt = variant.make()
     expected = eam.state_shardings(opt, sharded)
     state = jax.jit(opt.init, out_shardings=expected)(sharded)
@@ -70,9 +71,7 @@ def test_state_follows_params_and_steps_match(mesh, variant):
     plain_state = opt.init(p)
     for i in range(3):
         g = grads(i, p)
-        g_sharded = jax.tree.map(
-            lambda x, s: jax.device_put(x, s), g, shardings, is_leaf=lambda x: x is None
-        )
+        g_sharded = _put(g, shardings)
         u, state = step(g_sharded, state, sharded)
         u_plain, plain_state = step(g, plain_state, p)
         for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_plain)):
@@ -87,10 +86,7 @@ def test_state_follows_params_and_steps_match(mesh, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_shardings_are_stable_through_scan_and_cond(mesh, variant):
-    p, shardings = _shard_params(mesh)
-    sharded = jax.tree.map(
-        lambda x, s: jax.device_put(x, s), p, shardings, is_leaf=lambda x: x is None
-    )
+    p, shardings, sharded = _shard_params(mesh)
     opt = variant.make()
     state = jax.jit(opt.init, out_shardings=eam.state_shardings(opt, sharded))(sharded)
     g = grads(0, p)
