@@ -62,6 +62,7 @@ from ._storage import (
     AbstractEncodedArray as AbstractEncodedArray,
     AbstractMomentStorage as AbstractMomentStorage,
     CastStorage as CastStorage,
+    LinearUpdate as LinearUpdate,
 )
 from ._transitions import (
     reset_slow_ema as reset_slow_ema,
@@ -95,6 +96,7 @@ __all__ = [
     "BlockwiseFloat8",
     "BlockwiseFloat8Array",
     "CastStorage",
+    "LinearUpdate",
     "MomentSpec",
     "Packed",
     "PackedBuffers",

@@ -31,12 +31,10 @@ from ._misc import (
     rounding_residual,
 )
 from ._optimizer import AbstractOptimizer
-from ._storage import AbstractMomentStorage
+from ._storage import AbstractMomentStorage, LinearUpdate
 from ._tree import (
     adam_direction,
-    ema,
     ema_coefficients,
-    ema_of_norm,
     inverse_bias_correction,
     real_dtype,
 )
@@ -226,9 +224,9 @@ class ScaleByAdemamix(AbstractAdamDirection):
         return {
             "m1": None
             if moments["m1"] is None
-            else ema(g, moments["m1"], self.b1, coefficients=c1),
-            "m2": ema(g, moments["m2"], None, coefficients=c3),
-            "nu": ema_of_norm(g, moments["nu"], self.b2, coefficients=c2),
+            else LinearUpdate(moments["m1"], *c1, g),
+            "m2": LinearUpdate(moments["m2"], *c3, g),
+            "nu": LinearUpdate(moments["nu"], *c2, g, squared=True),
         }
 
     def _direction(self, g: Array, moments: dict, c: tuple) -> Array:

@@ -40,8 +40,10 @@ from ._storage import (
     CastStorage,
     describe_spec,
     mix_seed,
+    moment_for_direction,
     moment_shape,
     moment_spec,
+    takes_update,
 )
 from ._tree import compute_dtype, is_none, real_dtype, wider_dtype
 
@@ -359,12 +361,16 @@ class AbstractAdamDirection(AbstractDirection):
 
     @abc.abstractmethod
     def _moments(self, g: Array, moments: dict, c: Any) -> dict:
-        """The new moments of one unit, in compute precision, from the gradient
-        `g` and the moments `{name: value or None}` read from storage."""
+        """How each moment of one unit changes: `{name: LinearUpdate or None}`
+        from the gradient `g` and the moments `{name: value or None}` read from
+        storage (each new moment is `decay * old + weight * x`, in compute
+        precision)."""
 
     @abc.abstractmethod
     def _direction(self, g: Array, moments: dict, c: Any) -> Array:
-        """One unit's direction, from the moments as stored by this step."""
+        """One unit's direction, from this step's new moments (see
+        `moment_for_direction`: as stored for plain arrays, before encoding
+        for encoded ones)."""
 
     # ------------------------------------------------------------ written once
 
@@ -623,20 +629,23 @@ class AbstractAdamDirection(AbstractDirection):
             }
             for spec in self.moment_specs:
                 old.setdefault(spec.name, None)
-            values = self._moments(g, old, c)
-            written = {}
+            updates = self._moments(g, old, c)
+            values = {}
             for spec in self.moment_specs:
                 if spec.name not in stored:
-                    written[spec.name] = None
+                    values[spec.name] = None
                     continue
                 if spec.salt not in seeds:
                     seeds[spec.salt] = mix_seed(state.count, spec.salt)
-                value = self.storage.write(
-                    stored[spec.name][i], values[spec.name], seeds[spec.salt]
+                update = updates[spec.name]
+                value = update.new()
+                extra = (update,) if takes_update(type(self.storage).write) else ()
+                written = self.storage.write(
+                    stored[spec.name][i], value, seeds[spec.salt], *extra
                 )
-                new[spec.name].append(value)
-                written[spec.name] = self.storage.read(value)
-            directions.append(self._direction(g, written, c))
+                new[spec.name].append(written)
+                values[spec.name] = moment_for_direction(written, value)
+            directions.append(self._direction(g, values, c))
         moments = {
             spec.name: (
                 plan.wrap(new[spec.name], treedef) if spec.name in stored else None

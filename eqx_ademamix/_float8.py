@@ -1,31 +1,34 @@
 """Block-scaled 8-bit floats: optimizer moments as one byte per element, encoded
-and decoded by a handful of integer operations on float32 bit patterns.
+by a handful of integer operations on float32 bit patterns and decoded through
+float16.
 
 A moment leaf is cut into blocks of `block_size` consecutive elements (row-major,
 the last block zero-padded), as for `eqx_ademamix.Blockwise8Bit`. A block stores
-its largest magnitude (absmax, float32) and, per element, the value divided by
-absmax, `m` in [-1, 1], as an 8-bit float:
+one float32 scale that bounds its magnitudes and, per element, the value divided
+by the scale, `m` in [-1, 1], as an 8-bit float:
 
-- first moments (signed): the bit pattern of `float8_e4m3fn` holding `256 * m`
-  (a sign, 4 exponent bits, 3 mantissa bits, subnormals): 15 binades from
-  `2**-14` to 1 at full resolution (relative steps of 6-12%), then subnormals
-  in steps of `2**-17`;
+- first moments (signed): the magnitude as `float8_e4m3fn`'s 7 magnitude bits
+  of `256 * |m|` (4 exponent bits, 3 mantissa bits, subnormals; 15 binades from
+  `2**-14` to 1 at full resolution, relative steps of 6-12%, then subnormals in
+  steps of `2**-17`), shifted up by one, with the sign in bit 0. The byte's
+  integer order is then the magnitude's, so a block's largest magnitude is one
+  integer maximum over its bytes;
 - the second moment (never negative): an unsigned float with 5 exponent bits
-  and 3 mantissa bits ("e5m3"), 31 binades from `2**-30` to 1, then
-  subnormals in steps of `2**-33`.
+  and 3 mantissa bits ("e5m3"), 1.0 at exponent 30: 30 binades from `2**-29`
+  to 1, then subnormals in steps of `2**-32`.
 
-In both, 1.0 is the exponent field's largest value with a zero mantissa; the
-codes above it are never written. Because these are IEEE-style floats with the
-top of the block at a power of two, the f32 bit pattern of `m` *is* the code
-shifted: encoding keeps the exponent and the top mantissa bits of `m`'s float32
-word, decoding shifts the code back into a float32 word. Stochastic rounding
-adds random bits below the kept mantissa bits before the shift (as for bfloat16
-in `_storage.stochastic_round`); subnormals go through the same path after
-adding the smallest normal, `2**emin`, whose float32 mantissa grid at the kept
-bits is exactly the subnormal grid. So a write costs one reduction per block and
-about a dozen elementwise operations, with no comparisons against code books and
-no table lookups: XLA traces and compiles it quickly, and on GPUs it is
-memory-bound like a float32 step.
+Both are float16 bit patterns cut short: the 7 or 8 magnitude bits are bits
+7-13 or 7-14 of the float16 of `m` (signed) or of `2**15 * m` (unsigned), whose
+low mantissa bits are zero. Decoding widens the byte to 16 bits, shifts it into
+place and converts float16 to float32, which CPUs (F16C), GPUs and TPUs do in
+hardware, subnormals included. Encoding keeps the exponent and the top mantissa
+bits of `m`'s float32 word; stochastic rounding adds random bits below the kept
+mantissa bits before the shift (as for bfloat16 in `_storage.stochastic_round`);
+subnormals go through the same path after adding the smallest normal,
+`2**emin`, whose float32 mantissa grid at the kept bits is exactly the subnormal
+grid. No comparisons against code books, no table lookups: a write is about a
+dozen elementwise operations, and on GPUs the step is memory-bound like a
+float32 step.
 """
 
 from typing import Any, ClassVar
@@ -34,46 +37,46 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Float32, UInt8, UInt32
+from jaxtyping import Array, Float, Float32, UInt8, UInt16, UInt32
 
 from ._quantize import (
     AbstractBlockwiseArray,
     AbstractBlockwiseStorage,
+    block_absmax,
     divide_by_scale,
 )
-from ._storage import (
-    index_bits,
-)
+from ._storage import index_bits
 
 
-def float8_format(signed: bool) -> tuple[int, int]:
-    """`(exponent bits, mantissa bits)` of the magnitude code: e4m3 for signed
-    moments (the byte's top bit is the sign), e5m3 for the second moment."""
-    return (4, 3) if signed else (5, 3)
+def float8_format(signed: bool) -> tuple[int, int, int]:
+    """`(exponent bits, mantissa bits, exponent of 1.0)` of the magnitude code:
+    e4m3 with 1.0 at exponent 15 for signed moments (the byte's bit 0 is the
+    sign), e5m3 with 1.0 at exponent 30 for the second moment."""
+    return (4, 3, 15) if signed else (5, 3, 30)
 
 
-def _constants(exp_bits: int, man_bits: int) -> tuple[int, int, float]:
+def _constants(man_bits: int, top: int) -> tuple[int, int, float]:
     # shift: float32 mantissa bits dropped; offset: float32 exponent bias minus
     # the code's, in code units; tiny: the code's smallest normal, 2**emin.
     shift = 23 - man_bits
-    offset = (128 - 2**exp_bits) << man_bits
-    tiny = 2.0 ** (2 - 2**exp_bits)
+    offset = (127 - top) << man_bits
+    tiny = 2.0 ** (1 - top)
     return shift, offset, tiny
 
 
 def encode_magnitude(
     m: Float32[Array, "*shape"],
-    exp_bits: int,
-    man_bits: int,
+    signed: bool,
     bits: UInt32[Array, "*shape"] | None,
 ) -> UInt32[Array, "*shape"]:
-    """The code of `m` in [0, 1] (float32) in an unsigned float with `exp_bits`
-    exponent and `man_bits` mantissa bits whose largest written value is 1.0.
+    """The magnitude code of `m` in [0, 1] (float32) in the format of
+    `float8_format(signed)`.
 
     `bits`: 32 random bits per element for stochastic rounding (up with the
     probability that makes the expected value exact), or `None` to round to
     nearest (ties up)."""
-    shift, offset, tiny = _constants(exp_bits, man_bits)
+    _, man_bits, top = float8_format(signed)
+    shift, offset, tiny = _constants(man_bits, top)
     tiny = np.float32(tiny)
     small = lax.lt(m, tiny)
     # Below the smallest normal, m + tiny lies in [tiny, 2 tiny), whose float32
@@ -94,21 +97,58 @@ def encode_magnitude(
     return lax.sub(code, sub)
 
 
-def decode_magnitude_float8(
-    code: UInt32[Array, "*shape"], exp_bits: int, man_bits: int
+def float16_bits(
+    codes: UInt8[Array, "*shape"], signed: bool
+) -> UInt16[Array, "*shape"]:
+    """The float16 bit patterns the bytes stand for: `m` (signed, the sign from
+    bit 0) or `2**15 * m` (unsigned)."""
+    h = codes.astype(jnp.uint16)
+    if not signed:
+        return lax.shift_left(h, np.uint16(7))
+    sign = lax.shift_left(lax.bitwise_and(h, np.uint16(1)), np.uint16(15))
+    magnitude = lax.shift_left(lax.bitwise_and(h, np.uint16(0xFE)), np.uint16(6))
+    return lax.bitwise_or(sign, magnitude)
+
+
+def decode_float8(
+    codes: UInt8[Array, "*shape"], signed: bool
 ) -> Float32[Array, "*shape"]:
-    """The value in [0, 1] of a magnitude code of `encode_magnitude` (float32)."""
-    shift, offset, tiny = _constants(exp_bits, man_bits)
-    sub = lax.lt(code, np.uint32(1 << man_bits))
-    lead = lax.select(
-        sub,
-        lax.full_like(code, offset + (1 << man_bits)),
-        lax.full_like(code, offset),
+    """The values in [-1, 1] the bytes stand for, in float32 (exact)."""
+    value = lax.bitcast_convert_type(float16_bits(codes, signed), jnp.float16)
+    value = value.astype(jnp.float32)
+    if not signed:
+        value = lax.mul(value, np.float32(2.0**-15))
+    return value
+
+
+def float8_codes(
+    blocks: Float[Array, "blocks block_size"],
+    scale: Float32[Array, " blocks"],
+    signed: bool,
+    bits: UInt32[Array, "blocks block_size"] | None,
+) -> UInt8[Array, "blocks block_size"]:
+    """The codes of `blocks` (one block per row) relative to the per-block
+    `scale`, which must bound each block's magnitudes (larger values are stored
+    as the scale). The codes of a block whose scale is NaN are unspecified; a
+    zero scale gives zeros. In the unsigned code, negative values are stored as
+    0 and positive ones never round to 0 (below the smallest code they round up
+    to it: a second moment is a denominator)."""
+    blocks = blocks.astype(jnp.float32)
+    magnitude = jnp.abs(blocks)
+    finite = jnp.isfinite(scale)
+    m = jnp.minimum(
+        divide_by_scale(magnitude, jnp.where(finite, scale, 0)), np.float32(1)
     )
-    word = lax.shift_left(lax.add(code, lead), np.uint32(shift))
-    value = lax.bitcast_convert_type(word, jnp.float32)
-    zero = jnp.zeros((), jnp.float32)
-    return lax.sub(value, lax.select(sub, lax.full_like(value, tiny), value * zero))
+    code = encode_magnitude(m, signed, bits)
+    if signed:
+        sign = lax.shift_right_logical(
+            lax.bitcast_convert_type(blocks, jnp.uint32), np.uint32(31)
+        )
+        code = lax.bitwise_or(lax.shift_left(code, np.uint32(1)), sign)
+    else:
+        positive = lax.gt(blocks, jnp.zeros((), jnp.float32))
+        code = lax.select(positive, lax.max(code, lax.full_like(code, 1)), code * 0)
+    return code.astype(jnp.uint8)
 
 
 def quantize_float8(
@@ -116,32 +156,14 @@ def quantize_float8(
     signed: bool,
     bits: UInt32[Array, "blocks block_size"] | None,
 ) -> tuple[UInt8[Array, "blocks block_size"], Float32[Array, " blocks"]]:
-    """Codes and absmax of `blocks` (one block per row, float32).
+    """Codes and absmax of `blocks` (one block per row): `float8_codes` with each
+    block's own largest magnitude as its scale.
 
     **Returns:** `(codes, absmax)`. A block holding a NaN or an infinity gets
     absmax NaN (its codes are unspecified): it reads back as all NaN. A block of
-    zeros gets absmax 0 and reads back as zeros. In the unsigned code, negative
-    values are stored as 0 and positive ones never round to 0 (below the smallest
-    code they round up to it: a second moment is a denominator)."""
-    blocks = blocks.astype(jnp.float32)
-    magnitude = jnp.abs(blocks)
-    # One reduction that also flags non-finite blocks (NaN enters it as inf).
-    flagged = jnp.where(jnp.isfinite(blocks), magnitude, jnp.float32(jnp.inf))
-    absmax = jnp.max(flagged, axis=1)
-    finite = jnp.isfinite(absmax)
-    absmax = jnp.where(finite, absmax, 0)
-    m = jnp.minimum(divide_by_scale(magnitude, absmax), np.float32(1))
-    exp_bits, man_bits = float8_format(signed)
-    code = encode_magnitude(m, exp_bits, man_bits, bits)
-    if signed:
-        sign = lax.shift_right_logical(
-            lax.bitcast_convert_type(blocks, jnp.uint32), np.uint32(24)
-        )
-        code = lax.bitwise_or(code, lax.bitwise_and(sign, np.uint32(0x80)))
-    else:
-        positive = lax.gt(blocks, jnp.zeros((), jnp.float32))
-        code = lax.select(positive, lax.max(code, lax.full_like(code, 1)), code * 0)
-    return code.astype(jnp.uint8), jnp.where(finite, absmax, jnp.nan)
+    zeros gets absmax 0 and reads back as zeros."""
+    absmax = block_absmax(blocks)
+    return float8_codes(blocks, absmax, signed, bits), absmax
 
 
 def dequantize_float8(
@@ -149,19 +171,8 @@ def dequantize_float8(
     absmax: Float32[Array, " blocks"],
     signed: bool,
 ) -> Float32[Array, "blocks block_size"]:
-    """The values the codes stand for, times their block's absmax (float32)."""
-    exp_bits, man_bits = float8_format(signed)
-    c = codes.astype(jnp.uint32)
-    if signed:
-        value = decode_magnitude_float8(
-            lax.bitwise_and(c, np.uint32(0x7F)), exp_bits, man_bits
-        )
-        sign = lax.shift_left(lax.bitwise_and(c, np.uint32(0x80)), np.uint32(24))
-        word = lax.bitwise_or(lax.bitcast_convert_type(value, jnp.uint32), sign)
-        value = lax.bitcast_convert_type(word, jnp.float32)
-    else:
-        value = decode_magnitude_float8(c, exp_bits, man_bits)
-    return value * absmax[:, None]
+    """The values the codes stand for, times their block's scale (float32)."""
+    return lax.mul(decode_float8(codes, signed), absmax[:, None])
 
 
 class BlockwiseFloat8Array(AbstractBlockwiseArray):
@@ -172,8 +183,9 @@ class BlockwiseFloat8Array(AbstractBlockwiseArray):
       flattened moment, the last block zero-padded. Signed moments: the
       `float8_e4m3fn` bit pattern of `256 * value / absmax`; the second moment:
       an unsigned e5m3 float of `value / absmax`.
-    - `absmax`: the largest magnitude of each block, float32, `(blocks,)`; NaN marks
-      a block that was written a NaN or an infinity.
+    - `absmax`: the scale of each block, float32, `(blocks,)`: a bound on its
+      magnitudes (see `eqx_ademamix.BlockwiseFloat8`); NaN marks a block that
+      was written a NaN or an infinity.
     - `shape`: the shape of the moment (static).
     - `dtype`: the dtype reads return (static): the moment's dtype, at least
       float32.
@@ -188,12 +200,19 @@ class BlockwiseFloat8Array(AbstractBlockwiseArray):
     signed: bool = eqx.field(static=True)
     stochastic_rounding: bool = eqx.field(static=True, default=True)
 
-    def quantize(self, blocks, bits):
-        return quantize_float8(blocks, self.signed, bits)
+    def quantize(self, blocks, scale, bits):
+        return float8_codes(blocks, scale, self.signed, bits)
 
     def dequantize_codes(self):
         values = dequantize_float8(self.codes, self.absmax, self.signed)
         return values.astype(self.dtype)
+
+    def block_max(self):
+        # The byte's integer order is the magnitude's (the sign is bit 0).
+        top = jnp.max(self.codes, axis=1)
+        if self.signed:
+            top = lax.bitwise_and(top, np.uint8(0xFE))
+        return lax.mul(decode_float8(top, self.signed), self.absmax)
 
     def rounding_bits(self, shape, seed):
         # Weyl words (one multiply-add per dimension), not a full hash: each
@@ -211,21 +230,32 @@ class BlockwiseFloat8(AbstractBlockwiseStorage):
     floats, with stochastic rounding: the fast 8-bit storage.
 
     Each moment leaf with at least `min_size` elements is cut into blocks of
-    `block_size` consecutive elements; a block stores its largest magnitude
-    (absmax, float32) and one byte per element, the element divided by absmax as
-    an 8-bit float. The first moments `m1`, `m2` use `float8_e4m3fn`'s bit
-    pattern (of `256 * value / absmax`: 3 mantissa bits, relative steps of
-    6-12%, full resolution over 15 binades below the block's maximum, subnormals
-    below); the second moment `nu` an unsigned float with 5 exponent and 3
-    mantissa bits (31 binades, about 9 decades, like
+    `block_size` consecutive elements; a block stores one float32 scale and one
+    byte per element, the element divided by the scale as an 8-bit float. The
+    first moments `m1`, `m2` use `float8_e4m3fn`'s magnitude bits (of
+    `256 * value / scale`: 3 mantissa bits, relative steps of 6-12%, full
+    resolution over 15 binades below the scale, subnormals below) with the sign
+    in bit 0; the second moment `nu` an unsigned float with 5 exponent and 3
+    mantissa bits (30 binades, about 9 decades, like
     `eqx_ademamix.Blockwise8Bit`'s unsigned code book).
 
-    Encoding and decoding are a dozen integer operations on float32 bit
-    patterns, where `eqx_ademamix.Blockwise8Bit`'s dynamic tree code needs
-    a chain of comparisons per element: the step is faster and the program
-    compiles in a fraction of the time (see the benchmarks), at the price of a
-    coarser code near each block's maximum. It is backend-agnostic (no float8
-    hardware needed; the signed codes are `jnp.float8_e4m3fn` bit patterns).
+    The scale of a block is a bound on its magnitudes. In the optimizer's
+    update, where each moment is `decay * old + weight * x`, it is
+    `|decay| * (largest old magnitude) + |weight| * max|x|`: known before the
+    new values are computed, so the step computes, encodes and uses them in one
+    pass over memory instead of writing them out, finding each block's maximum
+    and reading them back. The bound is tight for slow EMAs and for a block's
+    first write; since the codes are floats, a looser scale costs range at the
+    bottom of the block, not resolution. A write with no such update (e.g.
+    `eqx_ademamix.state_from_adam`) uses each block's largest magnitude.
+
+    Encoding is a dozen integer operations on float32 bit patterns and decoding
+    a shift into a float16 and a conversion (hardware on CPUs with F16C, GPUs
+    and TPUs), where `eqx_ademamix.Blockwise8Bit`'s dynamic tree code needs
+    a chain of comparisons per element: the step is several times faster and the
+    program compiles in a fraction of the time (see the benchmarks), at the
+    price of a coarser code near each block's maximum. It is backend-agnostic
+    (no float8 hardware needed).
 
     Writes round stochastically (up or down to a neighbouring code, with the
     probability that makes the expected stored value exact), so slow EMAs such
@@ -233,17 +263,18 @@ class BlockwiseFloat8(AbstractBlockwiseStorage):
     Weyl sequence over the element indices offset by a per-step hash, so no PRNG
     key lives in the state. The noise this adds to an EMA does not shrink as the
     EMA slows down: with noisy gradients it can exceed the EMA's own sampling
-    noise (see the 8-bit guide).
+    noise (see the 8-bit guide). As in bitsandbytes, a step's direction uses the
+    new moments before they are rounded.
 
     Memory: 1 byte per element plus 4 bytes per block, i.e. 3.05 bytes per
     parameter for AdEMAMix's three moments at `block_size=256`. Leaves with fewer
     than `min_size` elements and complex leaves are kept as plain arrays.
 
-    Non-finite values: a block written a NaN or an infinity stores absmax NaN, so
+    Non-finite values: a block written a NaN or an infinity stores scale NaN, so
     the whole block reads back as NaN (its codes are unspecified). A block of
-    zeros stores absmax 0. A positive second moment never rounds to 0: below
+    zeros stores scale 0. A positive second moment never rounds to 0: below
     the smallest code it rounds up to it. Sharding: as
-    `eqx_ademamix.Blockwise8Bit` (codes and absmax sharded along the block
+    `eqx_ademamix.Blockwise8Bit` (codes and scales sharded along the block
     axis).
 
     !!! example

@@ -47,6 +47,7 @@ from ._storage import (
     AbstractEncodedArray,
     AbstractMomentStorage,
     hash_bits,
+    LinearUpdate,
     zeros_from,
 )
 from ._tree import compute_dtype, real_dtype
@@ -175,39 +176,53 @@ def divide_by_scale(
     return x * first[:, None] * second[:, None]
 
 
-def quantize_blocks(
+def block_absmax(
     blocks: Float[Array, "blocks block_size"],
+) -> Float32[Array, " blocks"]:
+    """Each block's largest magnitude as a float32 scale; NaN for a block holding
+    a NaN or an infinity (or whose maximum overflows float32)."""
+    # A maximum does not say whether a block holds a NaN: how a NaN propagates
+    # through one differs between backends (XLA:CPU's fast reduction skips it).
+    # The block's sum is NaN exactly then (or if it holds +inf and -inf, which
+    # the maximum makes inf anyway). Two plain reductions are cheaper on CPU
+    # than one over flagged values, which XLA writes out first.
+    largest = jnp.max(jnp.abs(blocks), axis=1)
+    total = jnp.sum(blocks, axis=1)
+    return finite_scale(jnp.where(jnp.isnan(total), total, largest))
+
+
+def finite_scale(bound: Float[Array, " blocks"]) -> Float32[Array, " blocks"]:
+    """`bound` as a float32 scale, NaN where it is not finite (a marked block)."""
+    bound = bound.astype(jnp.float32)
+    return jnp.where(jnp.isfinite(bound), bound, jnp.float32(jnp.nan))
+
+
+def tree_codes(
+    blocks: Float[Array, "blocks block_size"],
+    scale: Float32[Array, " blocks"],
     signed: bool,
     bits: UInt32[Array, "blocks block_size"] | None,
     search: bool = False,
-) -> tuple[UInt8[Array, "blocks block_size"], Float32[Array, " blocks"]]:
-    """Codes and absmax of `blocks` (one block per row).
+) -> UInt8[Array, "blocks block_size"]:
+    """The dynamic tree codes of `blocks` (one block per row) relative to the
+    per-block `scale`, which must bound each block's magnitudes (larger values
+    are stored as the scale). A NaN scale gives codes 0; a zero scale (a block
+    of zeros) gives codes 0.
 
-    **Arguments:**
-
-    - `blocks`: real values, float32 or wider.
     - `signed`: use the signed code book; else negative values are stored as 0.
     - `bits`: 32 random bits per element for stochastic rounding, or `None` to
       round to the nearest code.
     - `search`: find the neighbouring codes by binary search (`jnp.searchsorted`)
-      instead of the O(1) inversion of the code book (same result; for benchmarks).
-
-    **Returns:** `(codes, absmax)`. A block holding a NaN or an infinity gets
-    absmax NaN (and codes 0): it reads back as all NaN instead of as finite numbers
-    that hide the problem. A block of zeros gets absmax 0 and reads back as zeros.
+      instead of the O(1) inversion of the code book (same result; for
+      benchmarks).
     """
     dtype = blocks.dtype
     n_bits = _magnitude_bits(signed)
     top = 2**n_bits - 1
-    # One reduction that also flags non-finite blocks: NaN (whose propagation
-    # through a maximum differs between backends) and inf both enter it as inf.
-    magnitude = jnp.abs(blocks)
-    flagged = jnp.where(jnp.isfinite(blocks), magnitude, jnp.asarray(jnp.inf, dtype))
-    absmax = jnp.max(flagged, axis=1)
-    finite = jnp.isfinite(absmax)
-    absmax32 = jnp.where(finite, absmax, 0).astype(jnp.float32)
-    # Divide by the float32 absmax that is stored, so reading back is consistent.
-    m = jnp.minimum(divide_by_scale(magnitude, absmax32.astype(dtype)), 1)
+    finite = jnp.isfinite(scale)
+    m = jnp.minimum(
+        divide_by_scale(jnp.abs(blocks), jnp.where(finite, scale, 0).astype(dtype)), 1
+    )
     if not signed:
         m = jnp.where(blocks > 0, m, 0)
     find = lower_code_search if search else lower_code_direct
@@ -233,8 +248,24 @@ def quantize_blocks(
     if signed:
         code = jnp.where((blocks < 0) & (code > 0), code + 128, code)
     code = jnp.where(finite[:, None], code, 0)
-    absmax32 = jnp.where(finite, absmax32, jnp.nan)
-    return code.astype(jnp.uint8), absmax32
+    return code.astype(jnp.uint8)
+
+
+def quantize_blocks(
+    blocks: Float[Array, "blocks block_size"],
+    signed: bool,
+    bits: UInt32[Array, "blocks block_size"] | None,
+    search: bool = False,
+) -> tuple[UInt8[Array, "blocks block_size"], Float32[Array, " blocks"]]:
+    """Codes and absmax of `blocks` (one block per row): `tree_codes` with each
+    block's own largest magnitude as its scale.
+
+    **Returns:** `(codes, absmax)`. A block holding a NaN or an infinity gets
+    absmax NaN (and codes 0): it reads back as all NaN instead of as finite numbers
+    that hide the problem. A block of zeros gets absmax 0 and reads back as zeros.
+    """
+    absmax = block_absmax(blocks)
+    return tree_codes(blocks, absmax, signed, bits, search), absmax
 
 
 def dequantize_blocks(
@@ -271,14 +302,22 @@ class AbstractBlockwiseArray(AbstractEncodedArray):
     def quantize(
         self,
         blocks: Float[Array, "blocks block_size"],
+        scale: Float32[Array, " blocks"],
         bits: UInt32[Array, "blocks block_size"] | None,
-    ) -> tuple[UInt8[Array, "blocks block_size"], Float32[Array, " blocks"]]:
-        """`(codes, absmax)` of `blocks` (in `self.dtype`); `bits` drive
-        stochastic rounding (`None`: round to nearest)."""
+    ) -> UInt8[Array, "blocks block_size"]:
+        """The codes of `blocks` (in `self.dtype`) relative to the per-block
+        `scale`, which bounds their magnitudes (NaN: a marked block, any codes;
+        0: a block of zeros); `bits` drive stochastic rounding (`None`: round to
+        nearest)."""
 
     @abc.abstractmethod
     def dequantize_codes(self) -> Float[Array, "blocks block_size"]:
         """The values of `self.codes` times their block's absmax, in `self.dtype`."""
+
+    @abc.abstractmethod
+    def block_max(self) -> Float32[Array, " blocks"]:
+        """The largest magnitude each block holds (its largest decoded value),
+        from the codes alone; NaN for a marked block."""
 
     @abc.abstractmethod
     def rounding_bits(
@@ -308,20 +347,45 @@ class AbstractBlockwiseArray(AbstractEncodedArray):
         return self.dequantize()
 
     def encode(
-        self, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+        self,
+        value: Inexact[Array, "..."],
+        seed: UInt32[Array, ""],
+        update: LinearUpdate | None = None,
     ) -> "AbstractBlockwiseArray":
+        """`value` in blocks of codes with one scale per block.
+
+        Without `update`, each block's scale is its largest magnitude, a
+        reduction over `value` that must finish before the first code can be
+        written. With `update` (`value = decay * old + weight * x`), the scale is
+        the bound `|decay| * block_max(old) + |weight| * max|x|` (`max|x|**2`
+        if `update.squared`), from the old
+        codes and `x` (the gradient, already in memory): the new values are then
+        computed and encoded in one pass, fused with the kernel that uses them,
+        instead of being written out, reduced and read back. The bound is at
+        most `1 + (1 - decay) * max|x| / max|new|` above the block's largest
+        magnitude, and the codes are floats, whose relative resolution does not
+        depend on the scale; a block's first write (old = 0) is exact."""
         blocks = to_blocks(value.astype(self.dtype), self.block_size)
+        if update is None:
+            scale = block_absmax(blocks)
+        else:
+            x = to_blocks(update.x.astype(self.dtype), self.block_size)
+            bound = lax.mul(jnp.abs(update.decay).astype(jnp.float32), self.block_max())
+            # The same reduction for every moment of the leaf: XLA computes it
+            # once.
+            increment = block_absmax(x)
+            if update.squared:
+                increment = lax.mul(increment, increment)
+            if update.weight is not None:
+                increment = lax.mul(
+                    jnp.abs(update.weight).astype(jnp.float32), increment
+                )
+            scale = finite_scale(lax.add(bound, increment))
         bits = (
             self.rounding_bits(blocks.shape, seed) if self.stochastic_rounding else None
         )
-        codes, absmax = self.quantize(blocks, bits)
-        # Quantize once: XLA otherwise fuses the whole encoding into every later
-        # read of the new moment (the direction reads it back) and recomputes it
-        # there from the old state, which it must then copy before overwriting a
-        # donated buffer. (XLA's CPU compiler drops the barrier before fusion, so
-        # on CPU the recomputation remains.)
-        codes, absmax = lax.optimization_barrier((codes, absmax))
-        return eqx.tree_at(lambda a: (a.codes, a.absmax), self, (codes, absmax))
+        codes = self.quantize(blocks, scale, bits)
+        return eqx.tree_at(lambda a: (a.codes, a.absmax), self, (codes, scale))
 
     @classmethod
     def static_spec(
@@ -391,11 +455,18 @@ class Blockwise8BitArray(AbstractBlockwiseArray):
     signed: bool = eqx.field(static=True)
     stochastic_rounding: bool = eqx.field(static=True, default=True)
 
-    def quantize(self, blocks, bits):
-        return quantize_blocks(blocks, self.signed, bits)
+    def quantize(self, blocks, scale, bits):
+        return tree_codes(blocks, scale, self.signed, bits)
 
     def dequantize_codes(self):
         return dequantize_blocks(self.codes, self.absmax, self.signed, self.dtype)
+
+    def block_max(self):
+        bits = _magnitude_bits(self.signed)
+        # Codes are ordered like their magnitudes: the largest is one integer max.
+        key = self.codes & np.uint8(127) if self.signed else self.codes
+        top = jnp.max(key, axis=1).astype(jnp.int32)
+        return decode_magnitude(top, bits, jnp.float32) * self.absmax
 
     def rounding_bits(self, shape, seed):
         return hash_bits(shape, seed)

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, NamedTuple
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Inexact, Int, PyTree, Real
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Real
 
 from ._direction import (
     AbstractAdamDirection,
@@ -31,24 +31,13 @@ from ._misc import (
     rounding_residual,
 )
 from ._optimizer import AbstractOptimizer
-from ._storage import AbstractMomentStorage
+from ._storage import AbstractMomentStorage, LinearUpdate
 from ._tree import (
     adam_direction,
     ema_coefficients,
-    ema_of_norm,
     inverse_bias_correction,
     real_dtype,
 )
-
-
-def accumulate(
-    g: Inexact[Array, "*shape"],
-    m: Inexact[Array, "*shape"],
-    decay: Inexact[ArrayLike, ""],
-) -> Inexact[Array, "*shape"]:
-    """`decay * m + g`, in `g`'s dtype: a momentum that sums, rather than averages,
-    the gradients (its steady state under a constant `g` is `g / (1 - decay)`)."""
-    return lax.add(lax.mul(jnp.asarray(decay).astype(g.dtype), m.astype(g.dtype)), g)
 
 
 class ScaleBySimplifiedAdemamixState(NamedTuple):
@@ -203,8 +192,8 @@ class ScaleBySimplifiedAdemamix(AbstractAdamDirection):
         *_, b1, c2, _ = c
         m = moments["m"]
         return {
-            "m": None if m is None else accumulate(g, m, b1),
-            "nu": ema_of_norm(g, moments["nu"], self.b2, coefficients=c2),
+            "m": None if m is None else LinearUpdate(m, b1, None, g),
+            "nu": LinearUpdate(moments["nu"], *c2, g, squared=True),
         }
 
     def _direction(self, g: Array, moments: dict, c: tuple) -> Array:

@@ -20,7 +20,9 @@ dimension on any backend.
 """
 
 import abc
-from typing import Any
+import functools
+import inspect
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -170,6 +172,44 @@ def stochastic_round(
     return jnp.where(take_other, other, nearest)
 
 
+class LinearUpdate(NamedTuple):
+    """A moment's new value as a linear function of its old one,
+    `decay * old + weight * x` elementwise, or `decay * old + weight * |x|**2`
+    when `squared` (`weight=None` means 1), with `decay` and `weight` scalars:
+    the form of every EMA and momentum here.
+
+    The update rule computes the new value with `new()` and hands the update to
+    the storage with it. An encoding that needs a bound on the new values can
+    then take it from the old state and `x` instead of from the new values: for
+    blockwise codes, `|decay| * max|old| + |weight| * max|x|` (squared, if
+    `squared`) per block. That bound needs no pass over the new values before
+    they are encoded, so the whole write is one pass over the data, and all
+    moments of a leaf share one reduction over `x` (the gradient).
+    """
+
+    old: Inexact[Array, "*shape"]
+    decay: Inexact[Array, ""]
+    weight: Inexact[Array, ""] | None
+    x: Inexact[Array, "*shape"]
+    squared: bool = False
+
+    def new(self) -> Inexact[Array, "*shape"]:
+        """`decay * old + weight * x` (or `* |x|**2`), in `x`'s (real) dtype."""
+        # lax, not jnp operators: the same operations, without the per-call
+        # dispatch (this runs for every moment of every leaf at trace time).
+        term = self.x
+        if self.squared:
+            if jnp.iscomplexobj(term):
+                re, im = lax.real(term), lax.imag(term)
+                term = lax.add(lax.mul(re, re), lax.mul(im, im))
+            else:
+                term = lax.mul(term, term)
+        old = lax.mul(self.decay, self.old.astype(term.dtype))
+        if self.weight is None:
+            return lax.add(old, term)
+        return lax.add(old, lax.mul(self.weight, term))
+
+
 class AbstractEncodedArray(eqx.Module):
     """A moment stored in an encoding other than a plain array (e.g.
     `eqx_ademamix.Blockwise8BitArray`).
@@ -188,9 +228,15 @@ class AbstractEncodedArray(eqx.Module):
 
     @abc.abstractmethod
     def encode(
-        self, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+        self,
+        value: Inexact[Array, "..."],
+        seed: UInt32[Array, ""],
+        update: LinearUpdate | None = None,
     ) -> "AbstractEncodedArray":
-        """`value` in this representation; `seed` drives stochastic rounding."""
+        """`value` in this representation; `seed` drives stochastic rounding.
+        `update`, if given, says how `value` was computed from the values this
+        array holds (`value == update.new()`); an encoding may use it, e.g. to
+        bound `value` without reading it first."""
 
     @abc.abstractmethod
     def spec(self) -> tuple:
@@ -214,13 +260,16 @@ def read_moment(stored: Any) -> Inexact[Array, "..."]:
 
 
 def write_moment(
-    stored: Any, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+    stored: Any,
+    value: Inexact[Array, "..."],
+    seed: UInt32[Array, ""],
+    update: LinearUpdate | None = None,
 ) -> Any:
-    """`value` stored in the representation of `stored`: encoded arrays re-encode;
-    plain arrays of 16-bit floats round stochastically (unbiased), wider ones round
-    to nearest."""
+    """`value` stored in the representation of `stored`: encoded arrays re-encode
+    (told how `value` came from `stored` if `update` is given); plain arrays of
+    16-bit floats round stochastically (unbiased), wider ones round to nearest."""
     if isinstance(stored, AbstractEncodedArray):
-        return stored.encode(value, seed)
+        return stored.encode(value, seed, update)
     if needs_stochastic_rounding(stored.dtype) and jnp.isrealobj(value):
         # The Weyl words, not the full hash: at a bandwidth of ~100 GB/s on
         # two CPU cores the finaliser's five integer operations per element
@@ -230,6 +279,28 @@ def write_moment(
         bits = index_bits(value.shape, seed, sharding_of(value))
         return stochastic_round(value, stored.dtype, bits)
     return value.astype(stored.dtype)
+
+
+def moment_for_direction(
+    stored: Any, value: Inexact[Array, "..."]
+) -> Inexact[Array, "..."]:
+    """The new moment a step's direction uses, given the new `stored` moment and
+    the `value` it was written from.
+
+    A plain array: its stored (rounded) value, read from the buffer just written,
+    so a donated moment is updated in place. An encoded array: `value`, before
+    encoding, as bitsandbytes does: decoding the new codes would make XLA
+    recompute the whole encoding inside the kernel of the update."""
+    if isinstance(stored, AbstractEncodedArray):
+        return value
+    return read_moment(stored)
+
+
+@functools.cache
+def takes_update(write: Any) -> bool:
+    """Whether a storage's `write` method takes the `update` argument (storages
+    written before it existed take `(stored, value, seed)`)."""
+    return "update" in inspect.signature(write).parameters
 
 
 def moment_shape(stored: Any) -> tuple[int, ...]:
@@ -308,10 +379,15 @@ class AbstractMomentStorage(eqx.Module):
         return read_moment(stored)
 
     def write(
-        self, stored: PyTree, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+        self,
+        stored: PyTree,
+        value: Inexact[Array, "..."],
+        seed: UInt32[Array, ""],
+        update: LinearUpdate | None = None,
     ) -> PyTree:
-        """Store `value` in the representation of `stored`; `seed` drives rounding."""
-        return write_moment(stored, value, seed)
+        """Store `value` in the representation of `stored`; `seed` drives rounding;
+        `update` (optional) is how `value` was computed from `stored`'s values."""
+        return write_moment(stored, value, seed, update)
 
     def shape(self, stored: PyTree) -> tuple[int, ...]:
         """The shape of the moment that `stored` represents."""
@@ -325,7 +401,8 @@ class CastStorage(AbstractMomentStorage):
     float32 and wider round to nearest. 16-bit and narrower floats (bfloat16,
     float16) use stochastic rounding, so that slow EMAs stay unbiased; the
     update direction is then computed from the stored (rounded) values, so the
-    stored value and the one used are the same.
+    stored value and the one used are the same (and XLA updates a donated
+    moment in place: the kernel that uses it reads the buffer it wrote).
 
     `stochastic_rounding=False` rounds 16-bit moments to nearest instead: a
     reference point for benchmarks, not for training (a bfloat16 EMA with decay
@@ -350,10 +427,14 @@ class CastStorage(AbstractMomentStorage):
         return ("array", tuple(int(n) for n in like.shape), jnp.dtype(dtype).name)
 
     def write(
-        self, stored: PyTree, value: Inexact[Array, "..."], seed: UInt32[Array, ""]
+        self,
+        stored: PyTree,
+        value: Inexact[Array, "..."],
+        seed: UInt32[Array, ""],
+        update: LinearUpdate | None = None,
     ) -> PyTree:
         if self.stochastic_rounding or isinstance(stored, AbstractEncodedArray):
-            return write_moment(stored, value, seed)
+            return write_moment(stored, value, seed, update)
         return value.astype(stored.dtype)
 
 

@@ -21,11 +21,11 @@ from eqx_ademamix.internal import (
 
 
 def _e5m3(code: int) -> float:
-    """The unsigned e5m3 code's value, read off its bits (1.0 at exponent 31)."""
+    """The unsigned e5m3 code's value, read off its bits (1.0 at exponent 30)."""
     e, f = code >> 3, code & 7
     if e == 0:
-        return f / 8 * 2.0**-30
-    return (1 + f / 8) * 2.0 ** (e - 31)
+        return f / 8 * 2.0**-29
+    return (1 + f / 8) * 2.0 ** (e - 30)
 
 
 def _grid(signed: bool) -> np.ndarray:
@@ -34,7 +34,7 @@ def _grid(signed: bool) -> np.ndarray:
     if signed:
         codes = np.arange(0x79, dtype=np.uint8)
         return codes.view(ml_dtypes.float8_e4m3fn).astype(np.float64) / 256
-    return np.array([_e5m3(c) for c in range(249)])
+    return np.array([_e5m3(c) for c in range(0xF1)])
 
 
 _quantize = jax.jit(quantize_float8, static_argnums=(1,))
@@ -45,14 +45,17 @@ _dequantize = jax.jit(dequantize_float8, static_argnums=(2,))
 def test_every_code_decodes_to_its_definition(signed):
     grid = _grid(signed)
     n = len(grid)
-    codes = np.zeros((1, 256), np.uint8)
-    codes[0, :n] = np.arange(n)
+    codes = np.zeros((2, 256), np.uint8)
     if signed:
-        codes[0, 128 : 128 + n] = 0x80 + np.arange(n)
-    y = np.asarray(_dequantize(jnp.asarray(codes), jnp.ones(1), signed))[0]
-    np.testing.assert_array_equal(y[:n], grid)
+        # The magnitude shifted up by one, the sign in bit 0.
+        codes[0, :n] = np.arange(n) << 1
+        codes[1, :n] = (np.arange(n) << 1) | 1
+    else:
+        codes[0, :n] = np.arange(n)
+    y = np.asarray(_dequantize(jnp.asarray(codes), jnp.ones(2), signed))
+    np.testing.assert_array_equal(y[0, :n], grid)
     if signed:
-        np.testing.assert_array_equal(y[128 : 128 + n], -grid)
+        np.testing.assert_array_equal(y[1, :n], -grid)
     assert np.all(np.diff(grid) > 0) and grid[-1] == 1.0
 
 
@@ -122,10 +125,10 @@ def test_stochastic_rounding_is_unbiased(getkey, signed, bits_fn):
 def test_second_moment_never_rounds_a_positive_value_to_zero():
     x = np.zeros((1, 256), np.float32)
     x[0, 0] = 1.0
-    x[0, 1:] = np.float32(1e-30)  # far below the smallest code, 2**-33
+    x[0, 1:] = np.float32(1e-30)  # far below the smallest code, 2**-32
     for bits in (None, index_bits(x.shape, mix_seed(3))):
         y = np.asarray(_dequantize(*_quantize(jnp.asarray(x), False, bits), False))
-        assert np.all(y[0, 1:] == np.float32(2.0**-33))
+        assert np.all(y[0, 1:] == np.float32(2.0**-32))
     y = np.asarray(_dequantize(*_quantize(jnp.asarray(x), True, None), True))
     assert np.all(y[0, 1:] == 0)  # a first moment that small is 0
 
@@ -168,15 +171,28 @@ def test_state_layout_and_bytes_per_parameter():
     assert size / 2**20 == pytest.approx(3 + 3 * 4 / 256)
 
 
-def test_direction_uses_the_stored_moments(getkey):
-    """The update equals float32 AdEMAMix's applied to the float8 state as read
-    back after the step (the direction is computed from the stored moments)."""
+@pytest.mark.parametrize(
+    "storage", [eam.BlockwiseFloat8(), eam.Blockwise8Bit()], ids=["float8", "tree"]
+)
+def test_direction_uses_the_new_moments_before_rounding(getkey, storage):
+    """As in optax (`mu_dtype`) and bitsandbytes, the update comes from the new
+    moments before they are rounded for storage: here, step 2's update equals
+    float64 AdEMAMix applied to the 8-bit state read back after step 1."""
     params = {"w": jr.normal(getkey(), (64, 64))}
-    g = {"w": jr.normal(getkey(), (64, 64))}
-    opt8 = eam.AdEMAMix(1e-2, b3=0.99, storage=eam.BlockwiseFloat8())
-    u, s = eqx.filter_jit(opt8.update)(g, opt8.init(params), params)
-    m1, m2, nu = (
-        np.asarray(getattr(s, k)["w"].decode(), np.float64) for k in ("m1", "m2", "nu")
-    )
-    expected = -1e-2 * ((m1 / 0.1) + 5.0 * m2) / (np.sqrt(nu / 0.001) + 1e-8)
+    g1 = {"w": jr.normal(getkey(), (64, 64))}
+    g2 = {"w": jr.normal(getkey(), (64, 64))}
+    opt8 = eam.AdEMAMix(1e-2, b3=0.99, storage=storage)
+    step = eqx.filter_jit(opt8.update)
+    _, s1 = step(g1, opt8.init(params), params)
+    u, _ = step(g2, s1, params)
+    old = {
+        k: np.asarray(getattr(s1, k)["w"].decode(), np.float64)
+        for k in ("m1", "m2", "nu")
+    }
+    g = np.asarray(g2["w"], np.float64)
+    m1 = 0.9 * old["m1"] + 0.1 * g
+    m2 = 0.99 * old["m2"] + 0.01 * g
+    nu = 0.999 * old["nu"] + 0.001 * g**2
+    c1, c2 = 1 - 0.9**2, 1 - 0.999**2
+    expected = -1e-2 * (m1 / c1 + 5.0 * m2) / (np.sqrt(nu / c2) + 1e-8)
     np.testing.assert_allclose(np.asarray(u["w"]), expected, rtol=2e-5, atol=1e-7)

@@ -362,31 +362,66 @@ def test_bad_quantized_argument():
         eam.AdEMAMix(1e-3, quantized="8bit")
 
 
-def test_nan_gradient_is_loud_not_silent(getkey):
-    """A NaN gradient element makes its block's updates NaN (float32 state makes the
-    element's update NaN); other blocks, and the whole state of other leaves, stay
-    finite. The NaN shows in `absmax`, never as finite garbage."""
+@pytest.mark.parametrize("storage_type", [eam.Blockwise8Bit, eam.BlockwiseFloat8])
+@pytest.mark.parametrize("position", [0, 7, 255])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_gradient_is_loud_not_silent(getkey, storage_type, position, bad):
+    """A NaN or inf gradient element makes its update NaN (as with float32 state)
+    and marks its block of every moment NaN; the next step's updates of that block
+    are all NaN. Other blocks, and the whole state of other leaves, stay finite.
+    The NaN shows in `absmax`, never as finite garbage. (Anywhere in the block:
+    XLA:CPU's fast maximum loses a NaN in some positions.)"""
     params = {"w": jnp.ones((32, 256)), "v": jnp.ones((32, 256))}
-    opt = eam.AdEMAMix(1e-3, quantized=eam.Blockwise8Bit())
-    grads = {"w": jnp.ones((32, 256)).at[3, 7].set(jnp.nan), "v": jnp.ones((32, 256))}
+    opt = eam.AdEMAMix(1e-3, storage=storage_type())
+    ones = jnp.ones((32, 256))
+    grads = {"w": ones.at[3, position].set(bad), "v": ones}
     updates, state = _update(opt, grads, opt.init(params), params)
-    bad = np.isnan(np.asarray(updates["w"]))
-    assert np.all(bad[3]) and not np.any(np.delete(bad, 3, axis=0))
+    assert np.isnan(np.asarray(updates["w"])[3, position])
     assert np.all(np.isfinite(updates["v"]))
     for name in ("m1", "m2", "nu"):
         absmax = np.asarray(getattr(state, name)["w"].absmax)
         assert np.isnan(absmax[3]) and np.all(np.isfinite(np.delete(absmax, 3)))
+    updates, state = _update(opt, {"w": ones, "v": ones}, state, params)
+    bad_rows = np.isnan(np.asarray(updates["w"]))
+    assert np.all(bad_rows[3]) and not np.any(np.delete(bad_rows, 3, axis=0))
+
+
+@pytest.mark.parametrize("storage", [eam.Blockwise8Bit(), eam.BlockwiseFloat8()])
+def test_update_scale_is_the_bound_from_old_state_and_gradient(getkey, storage):
+    """In the optimizer's update, a block's new scale is
+    `decay * (largest old magnitude) + (1 - decay) * max|g|` (for `nu`, `max g**2`):
+    computed here in float64 from the decoded old state. It bounds the block's
+    new values and exceeds their maximum by at most `2 (1 - decay) max|g|`."""
+    params = {"w": jnp.zeros((16, 1024))}
+    opt = eam.AdEMAMix(0.0, b3=0.999, storage=storage)
+    state = opt.init(params)
+    for _ in range(4):
+        g = {"w": jr.normal(getkey(), (16, 1024)) * 10.0 ** jr.uniform(getkey())}
+        old = state
+        _, state = _update(opt, g, old, params)
+    gb = np.asarray(g["w"], np.float64).reshape(-1, 256)
+    decays = {"m1": 0.9, "m2": 0.999, "nu": 0.999}
+    for name, decay in decays.items():
+        prev = np.asarray(getattr(old, name)["w"].decode(), np.float64).reshape(-1, 256)
+        x = gb**2 if name == "nu" else gb
+        scale = decay * np.abs(prev).max(1) + (1 - decay) * np.abs(x).max(1)
+        got = np.asarray(getattr(state, name)["w"].absmax, np.float64)
+        np.testing.assert_allclose(got, scale, rtol=1e-6)
+        new = np.abs(decay * prev + (1 - decay) * x).max(1)
+        assert np.all(new <= got * (1 + 1e-6))
+        # and exceeds the new maximum by at most twice the increment's
+        assert np.all(got - new <= 2 * (1 - decay) * np.abs(x).max(1) * (1 + 1e-6))
 
 
 # --------------------------------------------------------------------------------
 # AdEMAMix with 8-bit state against references
 
 
-def _gap_bound(v, signed):
+def _gap_bound(v, signed, scale):
     """Per element of the moment `v` (blocks of 256): the distance between the two
-    code-book values around v / absmax, times absmax."""
+    code-book values around v / scale, times the block's `scale`."""
     blocks = v.reshape(-1, 256)
-    absmax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
+    absmax = scale[:, None]
     m = jnp.abs(blocks) / jnp.where(absmax > 0, absmax, 1)
     mags = jnp.asarray(magnitudes(signed))
     lo = jnp.clip(jnp.searchsorted(mags, m, side="right") - 1, 0, len(mags) - 1)
@@ -399,7 +434,8 @@ def test_a_few_hundred_steps_agree_with_float32(getkey):
 
     Step by step (the float32 optimizer restarted at every step from the 8-bit
     state, read back): every new moment of the 8-bit optimizer is within one code
-    step of float32's, the bound stochastic rounding guarantees.
+    step (at the block's stored scale) of float32's, the bound stochastic
+    rounding guarantees.
 
     Over the whole run: the moments' errors are EMAs of independent, zero-mean
     rounding errors of at most one code step (at most 0.9/64 of absmax), so the
@@ -444,7 +480,7 @@ def test_a_few_hundred_steps_agree_with_float32(getkey):
         for name, signed in (("m1", True), ("m2", True), ("nu", False)):
             exact = getattr(new32, name)
             got = read(getattr(new8, name))
-            gap, absmax = _gap_bound(exact, signed)
+            gap, absmax = _gap_bound(exact, signed, getattr(new8, name).absmax)
             excess = jnp.abs(got - exact) - gap - 1e-6 * absmax.max()
             worst.append(jnp.max(excess))
         return new8, jnp.stack(worst)
@@ -591,6 +627,16 @@ for kind in ("Auto", "Explicit"):
         "equal": bool(
             eqx.tree_equal(jax.device_get((p1, s1)), jax.device_get((p8, s8)))
         ),
+        # XLA may round the per-block scale's arithmetic differently in the
+        # sharded program (an ulp); then the codes of that block may differ.
+        "close": all(
+            np.allclose(a, b, rtol=1e-6, atol=0) if a.dtype != np.uint8
+            else np.mean(a == b) > 0.99
+            for a, b in zip(
+                jax.tree.leaves(jax.device_get((p1, s1))),
+                jax.tree.leaves(jax.device_get((p8, s8))),
+            )
+        ),
         "codes_shards": len(codes.sharding.device_set),
         "codes_shard_shape": list(codes.sharding.shard_shape(codes.shape)),
     }
@@ -601,8 +647,9 @@ print("RESULT " + json.dumps(out))
 def test_sharded_state_matches_unsharded():
     """8 simulated devices, automatic and explicit sharding: parameters sharded by
     rows; the 8-bit state follows them (each device holds its rows' blocks) and the
-    results equal a single-device run bit for bit (the rounding bits depend on
-    global indices)."""
+    results equal a single-device run (the rounding bits depend on global
+    indices): parameters and scales to 1e-6, codes in over 99% of the elements
+    (a block scale an ulp apart may round a few codes differently)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -620,6 +667,6 @@ def test_sharded_state_matches_unsharded():
     out = json.loads(lines[-1][len("RESULT ") :])
     assert out["devices"] == 8
     for kind in ("Auto", "Explicit"):
-        assert out[kind]["equal"], (kind, out)
+        assert out[kind]["close"], (kind, out)
         assert out[kind]["codes_shards"] == 8, (kind, out)
         assert out[kind]["codes_shard_shape"] == [4, 256], (kind, out)

@@ -13,9 +13,10 @@ from .._direction import (
     zero_to_none as zero_to_none,
 )
 from .._float8 import (
-    decode_magnitude_float8 as decode_magnitude_float8,
+    decode_float8 as decode_float8,
     dequantize_float8 as dequantize_float8,
     encode_magnitude as encode_magnitude,
+    float8_codes as float8_codes,
     float8_format as float8_format,
     quantize_float8 as quantize_float8,
 )
@@ -32,6 +33,7 @@ from .._misc import (
 )
 from .._optimizer import descend as descend, full_mask as full_mask
 from .._quantize import (
+    block_absmax as block_absmax,
     block_shardings as block_shardings,
     code_book as code_book,
     decode_magnitude as decode_magnitude,
@@ -42,6 +44,7 @@ from .._quantize import (
     quantize_blocks as quantize_blocks,
     state_bytes as state_bytes,
     to_blocks as to_blocks,
+    tree_codes as tree_codes,
 )
 from .._storage import (
     describe_spec as describe_spec,
