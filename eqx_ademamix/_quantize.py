@@ -1,11 +1,12 @@
 """Blockwise 8-bit storage of optimizer moments (Dettmers et al. 2021).
 
 A moment leaf is cut into blocks of `block_size` consecutive elements (row-major
-order, the last block zero-padded). Each block stores one float32 scale, its
-largest magnitude (absmax), and one byte per element: the index of the element's
-value divided by absmax in a 256-entry *dynamic tree* code book. Reading
-multiplies the code book's value by the block's absmax; writing divides by the new
-absmax and rounds to one of the two neighbouring codes, at random with the
+order, the last block zero-padded). Each block stores one float32 scale (absmax:
+its largest magnitude, or a bound on it, see `AbstractBlockwiseArray.encode`),
+and one byte per element: the index of the element's value divided by absmax in
+a 256-entry *dynamic tree* code book. Reading multiplies the code book's value by
+the block's absmax; writing divides by the new absmax and rounds to one of the
+two neighbouring codes, at random with the
 probabilities that make the expected value exact (stochastic rounding), so slow
 EMAs keep every small increment on average.
 
@@ -439,8 +440,10 @@ class Blockwise8BitArray(AbstractBlockwiseArray):
 
     - `codes`: one byte per element, `(blocks, block_size)`, row-major over the
       flattened moment, the last block zero-padded.
-    - `absmax`: the largest magnitude of each block, float32, `(blocks,)`; NaN marks
-      a block that was written a NaN or an infinity.
+    - `absmax`: the scale of each block, float32, `(blocks,)`: its largest
+      magnitude, or in the optimizer's update a bound on it (see
+      `AbstractBlockwiseArray.encode`); NaN marks a block that was written a NaN
+      or an infinity.
     - `shape`: the shape of the moment (static).
     - `dtype`: the dtype reads return (static): the moment's dtype, at least
       float32.
@@ -616,15 +619,17 @@ class Blockwise8Bit(AbstractBlockwiseStorage):
     quantization with stochastic rounding.
 
     Each moment leaf with at least `min_size` elements is cut into blocks of
-    `block_size` consecutive elements; a block stores its largest magnitude
-    (absmax, float32) and one byte per element, the element divided by absmax
-    rounded to a 256-entry *dynamic tree* code book: a decimal exponent (the number
-    of leading zero bits) and a linear fraction (the remaining bits), so that the
-    code book spans seven decades with a relative resolution of about 1.4%-14%
-    within each. The first moments `m1`, `m2` use the signed code book, the second
-    moment `nu` the unsigned one (one more bit of resolution). The scheme is that of
-    Dettmers, Lewis, Shleifer, Zettlemoyer, *8-bit Optimizers via Block-wise
-    Quantization*, ICLR 2022 ([arXiv:2110.02861](https://arxiv.org/abs/2110.02861)),
+    `block_size` consecutive elements; a block stores a float32 scale (absmax:
+    its largest magnitude, or in the optimizer's update the bound
+    `|decay| * (largest old magnitude) + |weight| * max|x|`, which lets the step
+    encode in one pass) and one byte per element, the element divided by the
+    scale rounded to a 256-entry *dynamic tree* code book: a decimal exponent
+    (the number of leading zero bits) and a linear fraction (the remaining
+    bits), so that the code book spans seven decades with a relative resolution
+    of about 1.4%-14% within each. The first moments `m1`, `m2` use the signed
+    code book, the second moment `nu` the unsigned one (one more bit of
+    resolution). The scheme is that of Dettmers, Lewis, Shleifer, Zettlemoyer,
+    *8-bit Optimizers via Block-wise Quantization*, ICLR 2022 ([arXiv:2110.02861](https://arxiv.org/abs/2110.02861)),
     which bitsandbytes applies to AdEMAMix.
 
     Each step dequantizes to float32, updates, and re-quantizes. Re-quantizing to
