@@ -59,6 +59,13 @@ from tqdm.auto import tqdm
 OPTIMIZERS = ("AdamW", "AdEMAMix", "Simplified AdEMAMix")
 B1, B2 = 0.9, 0.999
 ALPHA, B3 = 8.0, 0.999
+# `--state`: keyword arguments of the AdEMAMix optimizers for each state storage.
+STATES = {
+    "f32": lambda: {},
+    "bf16": lambda: {"mu_dtype": jnp.bfloat16},
+    "float8": lambda: {"storage": eam.BlockwiseFloat8()},
+    "tree": lambda: {"storage": eam.Blockwise8Bit()},
+}
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo"}
 
 
@@ -120,6 +127,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="stop after this many evaluation intervals in total (0: run to the end); "
         "everything is checkpointed, continue with --resume",
+    )
+    parser.add_argument(
+        "--state",
+        choices=tuple(STATES),
+        default="f32",
+        help="how the AdEMAMix optimizers store their moments (AdamW: float32)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -273,6 +286,7 @@ def make_optimizer(name: str, args: argparse.Namespace):
             b3=eam.beta3_scheduler(B3, beta_start=B1, warmup=T),
             alpha=eam.alpha_scheduler(ALPHA, warmup=T),
             **common,
+            **STATES[args.state](),
         ).to_optax()
     elif name == "Simplified AdEMAMix":
         core = eam.SimplifiedAdEMAMix(
@@ -281,6 +295,7 @@ def make_optimizer(name: str, args: argparse.Namespace):
             b2=B2,
             alpha=1 / (ALPHA * (1 - B3)),
             **common,
+            **STATES[args.state](),
         ).to_optax()
     else:
         raise ValueError(f"unknown optimizer {name!r}")
@@ -408,7 +423,7 @@ def config(args: argparse.Namespace) -> dict:
     """The settings a checkpoint depends on."""
     keys = (
         "steps batch_size seq_len width depth heads lr warmup weight_decay clip "
-        "eval_every eval_batches max_corpus_mb"
+        "eval_every eval_batches max_corpus_mb state"
     ).split()
     return {k: getattr(args, k) for k in keys}
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import pathlib
 
+import eqx_ademamix as eam
 import jax
 import numpy as np
 import pytest
@@ -112,6 +113,32 @@ def test_char_lm_optimizer_settings():
     assert second["AdamW"] < 0
     assert 1.0 < second["AdEMAMix"] / second["AdamW"] < 1.08
     assert 1.014 < second["Simplified AdEMAMix"] / second["AdamW"] < 1.016
+
+
+@pytest.mark.parametrize(
+    "state, kind",
+    [
+        ("bf16", "bfloat16"),
+        ("float8", "BlockwiseFloat8Array"),
+        ("tree", "Blockwise8BitArray"),
+    ],
+)
+def test_char_lm_state_option(state, kind):
+    """`--state` gives both AdEMAMix optimizers that state storage (AdamW stays
+    float32) and is part of the settings a checkpoint must match."""
+    char_lm = _load("char_lm")
+    args = char_lm.parse_args(["--state", state])
+    assert char_lm.config(args)["state"] == state
+    params = {"w": jax.numpy.zeros((64, 96))}
+    for name in ("AdEMAMix", "Simplified AdEMAMix"):
+        leaves = jax.tree.leaves(
+            char_lm.make_optimizer(name, args).init(params),
+            is_leaf=lambda x: isinstance(x, eam.AbstractEncodedArray),
+        )
+        kinds = {type(x).__name__ for x in leaves} | {
+            str(x.dtype) for x in leaves if getattr(x, "shape", ()) == (64, 96)
+        }
+        assert kind in kinds, (name, kinds)
 
 
 def test_steps_to_reach():
