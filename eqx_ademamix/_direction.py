@@ -615,6 +615,7 @@ class AbstractAdamDirection(AbstractDirection):
         # Equal indices of equal-shaped units thus draw equal rounding bits within
         # a step; each element's rounding stays unbiased, which is what EMAs need.
         coefficients: dict[Any, Any] = {}
+        write_takes_update = takes_update(type(self.storage).write)
         new: dict[str, list] = {name: [] for name in stored}
         directions = []
         for i, g in enumerate(units):
@@ -639,7 +640,7 @@ class AbstractAdamDirection(AbstractDirection):
                     seeds[spec.salt] = mix_seed(state.count, spec.salt)
                 update = updates[spec.name]
                 value = update.new()
-                extra = (update,) if takes_update(type(self.storage).write) else ()
+                extra = (update,) if write_takes_update else ()
                 written = self.storage.write(
                     stored[spec.name][i], value, seeds[spec.salt], *extra
                 )

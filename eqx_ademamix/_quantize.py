@@ -359,13 +359,15 @@ class AbstractBlockwiseArray(AbstractEncodedArray):
         reduction over `value` that must finish before the first code can be
         written. With `update` (`value = decay * old + weight * x`), the scale is
         the bound `|decay| * block_max(old) + |weight| * max|x|` (`max|x|**2`
-        if `update.squared`), from the old
-        codes and `x` (the gradient, already in memory): the new values are then
-        computed and encoded in one pass, fused with the kernel that uses them,
-        instead of being written out, reduced and read back. The bound is at
-        most `1 + (1 - decay) * max|x| / max|new|` above the block's largest
-        magnitude, and the codes are floats, whose relative resolution does not
-        depend on the scale; a block's first write (old = 0) is exact."""
+        if `update.squared`), from the old codes and `x` (the gradient, already
+        in memory): the new values are then computed and encoded in one pass,
+        fused with the kernel that uses them, instead of being written out,
+        reduced and read back. The bound exceeds the block's largest new
+        magnitude by at most twice the increment's block maximum
+        (`2 |weight| max|x|`, or `max|x|**2`), and a block's first write
+        (old = 0) is exact. Over many steps it drifts above the true maximum,
+        because an element that rounds up to the top code makes `block_max(old)`
+        the previous bound (measured in the 8-bit guide)."""
         blocks = to_blocks(value.astype(self.dtype), self.block_size)
         if update is None:
             scale = block_absmax(blocks)

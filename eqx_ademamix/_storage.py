@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Inexact, PyTree, UInt32
 
-from ._tree import compute_dtype
+from ._tree import abs_sq, compute_dtype, ema
 
 
 # NumPy, not JAX, constants: importing the package must not start JAX's backend
@@ -195,19 +195,10 @@ class LinearUpdate(NamedTuple):
 
     def new(self) -> Inexact[Array, "*shape"]:
         """`decay * old + weight * x` (or `* |x|**2`), in `x`'s (real) dtype."""
-        # lax, not jnp operators: the same operations, without the per-call
-        # dispatch (this runs for every moment of every leaf at trace time).
-        term = self.x
-        if self.squared:
-            if jnp.iscomplexobj(term):
-                re, im = lax.real(term), lax.imag(term)
-                term = lax.add(lax.mul(re, re), lax.mul(im, im))
-            else:
-                term = lax.mul(term, term)
-        old = lax.mul(self.decay, self.old.astype(term.dtype))
+        term = abs_sq(self.x) if self.squared else self.x
         if self.weight is None:
-            return lax.add(old, term)
-        return lax.add(old, lax.mul(self.weight, term))
+            return lax.add(lax.mul(self.decay, self.old.astype(term.dtype)), term)
+        return ema(term, self.old, None, coefficients=(self.decay, self.weight))
 
 
 class AbstractEncodedArray(eqx.Module):
